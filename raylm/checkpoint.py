@@ -1,0 +1,198 @@
+"""Checkpoints: save/load adapters or full weights as safetensors, the tokenizer, metadata, and the
+state needed to resume a DeepSpeed run exactly. Nothing here is pickled.
+
+Layout of one checkpoint directory:
+
+    adapter_model.safetensors + adapter_config.json   (LoRA)  | model.safetensors + config.json (full)
+    tokenizer files
+    raylm.json               metadata: spec, step, metrics, history, template, base model
+    probe.safetensors        a fixed prompt and the model's last-position logits at this step
+    train_state/
+      optim.safetensors      full fp32 trainable weights + Adam moments (world-size independent)
+      state.json             step, epoch position, scheduler, optimizer step count
+      rng_rank{R}.safetensors  each worker's torch RNG state
+
+Weights and moments are gathered with DeepSpeed's `safe_get_full_*` API, so the same files come
+out of ZeRO 0/1/2/3 and can resume under another stage or worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+META_FILE = "raylm.json"
+PROBE_FILE = "probe.safetensors"
+STATE_DIR = "train_state"
+FORMAT = "raylm-checkpoint/1"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# Pickle-based formats: a checkpoint carrying one is refused rather than loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _base_optimizer(engine: Any) -> Any:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def trainable_params(module: Any) -> list[tuple[str, Any]]:
+    """(name, parameter) for every parameter that trains, in a stable order."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def gather_full(engine: Any, params: list[tuple[str, Any]], key: str | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of `params` (key=None) or of their Adam state `key`, on CPU.
+
+    A collective under ZeRO-3: every worker must call it with the same params.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {}
+    state = _base_optimizer(engine).state
+    for name, p in params:
+        t = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        if t is None:  # no ZeRO: the module holds full tensors and the optimizer keys by param
+            t = p.data if key is None else state.get(p, {}).get(key)
+        if t is not None:
+            out[name] = t.detach().float().cpu().clone()
+    return out
+
+
+def _optimizer_step(engine: Any) -> float | None:
+    for st in _base_optimizer(engine).state.values():
+        if "step" in st:
+            return float(st["step"])
+    return None
+
+
+def save_probe(directory: str | Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+    """Stores a prompt and the last-position logits the model gave it at this step."""
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": input_ids.contiguous(), "logits": logits.float().contiguous()},
+              str(Path(directory) / PROBE_FILE))
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    engine: Any,
+    tokenizer: Any,
+    rank: int,
+    metadata: dict[str, Any],
+    train_state: dict[str, Any],
+    lora: bool,
+) -> None:
+    """Writes this worker's share of a checkpoint into `directory` (a collective under ZeRO-3).
+
+    Rank 0 writes the weights, tokenizer, metadata and resume state; every rank writes its RNG.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state_dir = directory / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    module = engine.module
+    params = trainable_params(module)
+    weights = gather_full(engine, params)
+    moments = {k: gather_full(engine, params, k) for k in ADAM_KEYS}
+    full = weights if lora else gather_full(engine, list(module.named_parameters()))
+    save_file({"rng": torch.get_rng_state()}, str(state_dir / f"rng_rank{rank}.safetensors"))
+    if rank != 0:
+        return
+    dtype = next(iter(module.parameters())).dtype
+    to_save = {k: v.to(dtype) for k, v in full.items()}
+    module.save_pretrained(directory, state_dict=to_save, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    tensors = {f"param/{k}": v for k, v in weights.items()}
+    for key, values in moments.items():
+        tensors.update({f"{key}/{k}": v for k, v in values.items()})
+    save_file(tensors, str(state_dir / "optim.safetensors"))
+    state = dict(train_state)
+    state["optimizer_step"] = _optimizer_step(engine)
+    state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler else None
+    (state_dir / "state.json").write_text(json.dumps(state, indent=2))
+    meta = {"format": FORMAT, "created_unix": time.time(), **metadata}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str, Any]:
+    """Restores weights, Adam moments, scheduler and RNG into a fresh engine; returns state.json.
+
+    Every worker calls it (setting ZeRO-3 partitions is a collective).
+    """
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors.torch import load_file
+
+    state_dir = Path(directory) / STATE_DIR
+    state = json.loads((state_dir / "state.json").read_text())
+    tensors = load_file(str(state_dir / "optim.safetensors"))
+    base = _base_optimizer(engine)
+    step = state.get("optimizer_step")
+    for name, p in trainable_params(engine.module):
+        value = tensors[f"param/{name}"]
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, value)
+            for key in ADAM_KEYS:
+                if f"{key}/{name}" in tensors:
+                    safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"], key)
+        else:  # no ZeRO: torch's AdamW creates state lazily, so build it here
+            with torch.no_grad():
+                p.data.copy_(value.to(p.dtype))
+            if f"exp_avg/{name}" in tensors:
+                base.state[p] = {
+                    "step": torch.tensor(step or 0.0),
+                    **{k: tensors[f"{k}/{name}"].to(p.dtype).clone() for k in ADAM_KEYS},
+                }
+    if step is not None:
+        for st in base.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step) if torch.is_tensor(st["step"]) else step
+    if engine.lr_scheduler is not None and state.get("lr_scheduler"):
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng_file = state_dir / f"rng_rank{rank}.safetensors"
+    if rng_file.exists():
+        torch.set_rng_state(load_file(str(rng_file))["rng"])
+    engine.global_steps = state["step"]
+    engine.global_samples = state.get("global_samples", 0)
+    return state
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's raylm.json; raises FileNotFoundError if it is not a raylm checkpoint."""
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a raylm checkpoint (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def refuse_pickles(directory: str | Path) -> None:
+    """Raises ValueError if the directory carries a pickle-format weight file."""
+    bad = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if bad:
+        raise ValueError(f"{directory} holds pickle-format files {bad}; raylm loads safetensors only")
+
+
+def load_for_inference(directory: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Loads (tokenizer, model) from a checkpoint with plain transformers + peft, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    refuse_pickles(directory)
+    meta = read_metadata(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if Path(directory, "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, directory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    return tokenizer, model.eval()

@@ -1,0 +1,97 @@
+"""`raylm` command line: a thin argparse layer over the library functions.
+
+Exit codes: 0 success, 1 the run failed, 2 the job file (or the command line) is bad.
+Heavy libraries are imported only inside commands, so `validate` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from raylm.spec import JobSpec, JobSpecError, load_job
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> JobSpec | None:
+    try:
+        return load_job(args.job, args.overrides)
+    except JobSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _fmt_metrics(metrics: dict[str, Any]) -> str:
+    keys = ("step", "loss", "eval_loss", "perplexity", "exact_match")
+    return ", ".join(
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+        for k in keys if k in metrics
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if spec is None:
+        return EXIT_BAD_INPUT
+    tr, sc, ds = spec.training, spec.scaling, spec.deepspeed
+    print(f"ok: {args.job} → job {spec.name!r}: {spec.model.name_or_path} ({spec.model.task}), "
+          f"{'LoRA r=' + str(spec.lora.r) if spec.lora.enabled else 'full fine-tuning'}, "
+          f"ZeRO-{ds.zero_stage}, {sc.num_workers} worker(s){' on GPU' if sc.use_gpu else ''}, "
+          f"global batch {tr.micro_batch_size * tr.grad_accum * sc.num_workers}, {spec.precision}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if spec is None:
+        return EXIT_BAD_INPUT
+    from raylm.cluster import ensure_ray
+    from raylm.train import run_train
+
+    ensure_ray(args.address)
+    try:
+        result = run_train(spec)
+    except Exception as exc:  # the run's own traceback is already in the log above
+        print(f"\nerror: training {spec.name!r} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n=== raylm train: done ===")
+    print(f"run dir:          {result.run_dir}")
+    print(f"best checkpoint:  {result.best_checkpoint}  ({_fmt_metrics(result.best_metrics)})")
+    print(f"last checkpoint:  {result.checkpoint}")
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"eval:             {_fmt_metrics(first)}  →  {_fmt_metrics(last)}")
+        print(f"report:           {result.run_dir}/metrics.jsonl, {result.run_dir}/loss_curve.png")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `raylm` argument parser."""
+    parser = argparse.ArgumentParser(prog="raylm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job", help="YAML job file")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.lr=1e-4")
+        return p
+
+    job_command("validate", "check a job file; exit 0 if valid, 2 with every problem if not").set_defaults(
+        func=cmd_validate)
+    p = job_command("train", "fine-tune with Ray Train + DeepSpeed (re-running a job resumes it)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `raylm` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

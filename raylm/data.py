@@ -1,0 +1,196 @@
+"""Datasets: sources (files, save_to_disk dirs, hub names, builtin sets), prompt formats with loss
+masks, train/eval split, packing, per-worker shards and batching."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from raylm.spec import JobSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # labels with this value add nothing to the loss (HF convention)
+ARITHMETIC_SEED = 1234
+ARITHMETIC_DEFAULT_SIZE = 2000
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Example:
+    """One tokenized row: ids, labels (IGNORE_INDEX where no loss) and the raw row for eval."""
+
+    input_ids: list[int]
+    labels: list[int]
+    row: dict[str, Any] | None = None
+
+
+def builtin_arithmetic(n: int = ARITHMETIC_DEFAULT_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict[str, str]]:
+    """`n` distinct addition problems (instruction/input/output), the same for a given seed.
+
+    Operands are below 50, so every answer is a short exact string a model can be scored on.
+    """
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(50) for b in range(50)]
+    rng.shuffle(pairs)
+    return [
+        {"instruction": f"{a}+{b}", "input": "", "output": str(a + b)}
+        for a, b in pairs[: min(n, len(pairs))]
+    ]
+
+
+def load_records(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """Reads rows from a local file, a `save_to_disk` dir, a hub dataset or a builtin set."""
+    if source == "builtin:arithmetic":
+        return builtin_arithmetic()
+    import datasets
+
+    path = os.path.expanduser(source)
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and suffix in _FILE_BUILDERS:
+        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        # A hub dataset (or a local dataset-script/data dir): the real loader, untested offline.
+        ds = datasets.load_dataset(path, split=split, trust_remote_code=trust_remote_code)
+    return [dict(r) for r in ds]
+
+
+def split_records(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deterministic hold-out: returns (train, eval) with at least one eval row."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * eval_fraction))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def format_prompt(template: str, row: Mapping[str, Any]) -> str:
+    """Fills `{instruction}` and `{input}`; plain replace, so other braces in a template are kept."""
+    return template.replace("{instruction}", str(row.get("instruction", ""))).replace(
+        "{input}", str(row.get("input", "") or "")
+    )
+
+
+def _ids(out: Any) -> list[int]:
+    # apply_chat_template returns a list or, in newer transformers, a BatchEncoding.
+    return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+
+def tokenize_instruction(tok: PreTrainedTokenizerBase, template: str, row: Mapping[str, Any], max_length: int) -> Example:
+    """Prompt + output + eos; the loss sees only the output and eos."""
+    prompt = tok(format_prompt(template, row))["input_ids"]
+    answer = tok(str(row["output"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (prompt + answer)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+    return Example(ids, labels, dict(row))
+
+
+def tokenize_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int) -> Example:
+    """The chat template over all turns; the loss sees only assistant turns.
+
+    Each assistant span is found by rendering the conversation up to the turn (with the
+    generation prompt) and through it, so any prefix-stable template works, not just ones
+    with `{% generation %}` markers.
+    """
+    ids = _ids(tok.apply_chat_template(messages, tokenize=True))
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        start = len(_ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
+        end = len(_ids(tok.apply_chat_template(messages[: i + 1], tokenize=True)))
+        labels[start:end] = ids[start:end]
+    return Example(ids[:max_length], labels[:max_length], {"messages": messages})
+
+
+def tokenize_text(tok: PreTrainedTokenizerBase, text: str, max_length: int) -> Example:
+    """Plain language modelling: every token is a target."""
+    ids = (tok(text)["input_ids"] + [tok.eos_token_id])[:max_length]
+    return Example(ids, list(ids), {"text": text})
+
+
+def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[Example]:
+    """Tokenizes rows in the job's format; raises ValueError naming a row missing its fields."""
+    d = spec.data
+    out = []
+    for i, row in enumerate(rows):
+        if d.format == "instruction":
+            if "instruction" not in row or "output" not in row:
+                raise ValueError(f"row {i} lacks instruction/output fields: {sorted(row)}")
+            out.append(tokenize_instruction(tok, d.template, row, d.max_length))
+        elif d.format == "chat":
+            if d.messages_field not in row:
+                raise ValueError(f"row {i} lacks the {d.messages_field!r} field: {sorted(row)}")
+            out.append(tokenize_chat(tok, row[d.messages_field], d.max_length))
+        else:
+            if d.text_field not in row:
+                raise ValueError(f"row {i} lacks the {d.text_field!r} field: {sorted(row)}")
+            out.append(tokenize_text(tok, str(row[d.text_field]), d.max_length))
+    return out
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenates examples and cuts full `max_length` rows (the tail that doesn't fill one is dropped)."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    return [
+        Example(ids[i : i + max_length], labels[i : i + max_length])
+        for i in range(0, len(ids) - max_length + 1, max_length)
+    ]
+
+
+def build_datasets(spec: JobSpec, tok: PreTrainedTokenizerBase) -> tuple[list[Example], list[Example]]:
+    """Loads, splits and tokenizes the job's data; returns (train, eval) examples."""
+    d = spec.data
+    trust = spec.model.trust_remote_code
+    rows = load_records(d.train, d.split, trust)
+    if d.eval is not None:
+        train_rows, eval_rows = rows, load_records(d.eval, d.split, trust)
+    else:
+        train_rows, eval_rows = split_records(rows, d.eval_fraction, spec.training.seed)
+    if d.num_examples is not None:
+        train_rows = train_rows[: d.num_examples]
+    train = tokenize_rows(spec, tok, train_rows)
+    evals = tokenize_rows(spec, tok, eval_rows)
+    if d.packing:
+        train = pack(train, d.max_length)
+    return train, evals
+
+
+def steps_per_epoch(n_examples: int, spec: JobSpec, world_size: int) -> int:
+    """Optimizer steps in one epoch; every worker runs the same number (collectives need it)."""
+    micro = spec.training.micro_batch_size
+    return n_examples // (micro * world_size) // spec.training.grad_accum
+
+
+def shard_indices(n: int, rank: int, world_size: int, epoch: int, seed: int, per_rank: int) -> list[int]:
+    """This worker's `per_rank` example indices for `epoch`: a seeded shuffle, split by rank."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order[rank::world_size][:per_rank]
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch to its longest row; returns input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,196 @@
+"""Tokenizer and model builders: `from_pretrained` for hub ids and local dirs, the builtin tiny
+Llama (made locally, saved as a normal HF directory, then loaded by the same path), and LoRA."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import string
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raylm.spec import BUILTIN_PREFIX, JobSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Bump when the builtin's config, tokenizer or pretraining changes, so stale caches are not reused.
+TINY_LLAMA_VERSION = "v2"
+# A random-init base gives LoRA nothing to adapt, so the builtin is briefly pretrained on digit
+# text (subtraction and counting; never addition, which builtin:arithmetic asks) when first built.
+TINY_LLAMA_PRETRAIN_STEPS = 1000
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+}
+# Llama-style: a system/user/assistant chat template with generation markers, so
+# `return_assistant_tokens_mask` works for chat data.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}{{ eos_token }}"
+    "{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where builtin models are materialised (`RAYLM_CACHE`, default ~/.cache/raylm)."""
+    return Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm"))
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character-level tokenizer made with the `tokenizers` library (no download)."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = list(string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", ""))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", chat_template=CHAT_TEMPLATE, model_max_length=512,
+    )
+
+
+def materialize_tiny_llama(seed: int = 0) -> Path:
+    """Builds the builtin tiny Llama once, saves it as an HF directory, returns its path.
+
+    Concurrent workers may race here: each builds in a private temp dir and renames it into
+    place; the loser discards its copy, so readers never see a half-written directory.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = cache_dir() / "models" / f"tiny-llama-{TINY_LLAMA_VERSION}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        tokenizer = build_char_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **TINY_LLAMA_CONFIG,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+            _pretrain_digits(model, tokenizer, seed, TINY_LLAMA_PRETRAIN_STEPS)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _digit_text(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)
+        return f"{a}-{b}={a - b}"
+    start = rng.randrange(95)
+    return " ".join(str(start + i) for i in range(rng.randrange(2, 6)))
+
+
+def _pretrain_digits(model: Any, tokenizer: Any, seed: int, steps: int) -> None:
+    """A few seconds of full training on digit text, single-threaded so every machine gets
+    bit-identical weights (adapters trained on one node must fit the base on another)."""
+    import torch
+
+    rng = random.Random(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            rows = [tokenizer(_digit_text(rng))["input_ids"] + [tokenizer.eos_token_id] for _ in range(32)]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+            labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+            model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or local dir as given; a `builtin:` name becomes its materialised directory."""
+    if name_or_path == "builtin:tiny-llama":
+        return str(materialize_tiny_llama())
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        raise ValueError(f"unknown builtin model {name_or_path!r}")
+    return name_or_path
+
+
+def torch_dtype(spec: JobSpec) -> torch.dtype:
+    """The dtype weights are loaded in: `model.dtype`, or the training precision's."""
+    import torch
+
+    name = spec.model.dtype
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(spec.precision, "float32")
+    return getattr(torch, name)
+
+
+def build_tokenizer(spec: JobSpec, path: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads the job's tokenizer; gives it a pad token (the eos) if it has none."""
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(spec.model.name_or_path)
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(spec: JobSpec, path: str | None = None) -> PreTrainedModel:
+    """Loads the base model with `from_pretrained` and applies LoRA if the job asks for it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(spec.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(spec), revision=spec.model.revision,
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    if spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if spec.lora.enabled:
+            model.enable_input_require_grads()
+    if spec.lora.enabled:
+        # Same seed on every worker: identical adapter init, whatever the ZeRO stage.
+        torch.manual_seed(spec.training.seed)
+        model = apply_lora(spec, model)
+    return model
+
+
+def apply_lora(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
+    """Wraps `model` in a peft LoRA adapter from the job's `lora` section."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lc = spec.lora
+    config = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        modules_to_save=lc.modules_to_save, task_type=TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)

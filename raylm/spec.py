@@ -1,0 +1,417 @@
+"""The job file: pydantic models for every section, YAML loading and `key=value` overrides.
+
+Loading never stops at the first problem: every bad field is reported at once, with its dotted
+path and the value it had, so a user fixes a job file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-llama",)
+BUILTIN_DATASETS = ("builtin:arithmetic",)
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
+# Metrics a training run reports; checkpoint/tune/promote_if may only name these.
+TRAIN_METRICS = ("loss", "eval_loss", "perplexity", "exact_match")
+
+
+Problem = tuple[list[str], Any, str]
+
+
+def _raise_problems(title: str, problems: list[Problem]) -> None:
+    """Raises one ValidationError carrying every (path, value, message) problem, if any."""
+    if problems:
+        raise ValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(type=PydanticCustomError("check", msg), loc=tuple(path), input=value)
+                for path, value, msg in problems
+            ],
+        )
+
+
+class Section(BaseModel):
+    """Base for every job-file section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelSpec(Section):
+    name_or_path: str = Field(
+        "builtin:tiny-llama",
+        description="Hugging Face hub id, local model directory, or `builtin:tiny-llama` (a tiny "
+        "random-init Llama built locally; no download).",
+    )
+    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained to do.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype when loading; `auto` follows `training.precision`."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub to run. Off unless you trust the repo."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+
+
+class DataSpec(Section):
+    train: str = Field(
+        "builtin:arithmetic",
+        description="Training data: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` "
+        "directory, a hub dataset name, or `builtin:arithmetic`.",
+    )
+    eval: str | None = Field(
+        None, description="Eval data (same kinds as `train`); if unset, `eval_fraction` of train."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or DatasetDict.")
+    format: Literal["instruction", "chat", "text"] = Field(
+        "instruction",
+        description="`instruction` (instruction/input/output, loss on the output), `chat` "
+        "(messages, loss on assistant turns), `text` (plain language modelling).",
+    )
+    template: str = Field(
+        ALPACA_TEMPLATE,
+        description="Prompt template for `instruction`; `{instruction}` and `{input}` are filled.",
+    )
+    text_field: str = Field("text", description="Column holding the text for `format: text`.")
+    messages_field: str = Field("messages", description="Column holding messages for `chat`.")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of train held out for eval when `eval` is unset."
+    )
+    max_length: int = Field(512, ge=8, description="Tokens per example; longer ones are truncated.")
+    packing: bool = Field(False, description="Concatenate examples into full `max_length` rows.")
+    num_examples: int | None = Field(
+        None, ge=1, description="Use at most this many training examples (builtin: how many to make)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        problems = []
+        if self.format == "instruction" and "{instruction}" not in self.template:
+            problems.append((["template"], self.template, "must contain {instruction}"))
+        for field in ("train", "eval"):
+            problem = _data_source_problem(getattr(self, field))
+            if problem:
+                problems.append(([field], getattr(self, field), problem))
+        _raise_problems("DataSpec", problems)
+        return self
+
+
+class LoraSpec(Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (peft); false = full fine-tuning.")
+    r: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: `all-linear` or a list of module names (e.g. q_proj).",
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained fully and saved with the adapter."
+    )
+
+
+class TrainingSpec(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1,
+        description="Optional check: must equal micro_batch_size × grad_accum × num_workers.",
+    )
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of steps warming up.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 = off).")
+    seed: int = Field(0, ge=0, description="Seed for init, shuffling and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto` = bf16 on GPU, fp32 on CPU."
+    )
+    eval_every: int | None = Field(
+        None, ge=1,
+        description="Evaluate and checkpoint every N optimizer steps (default: once per epoch).",
+    )
+    log_every: int = Field(10, ge=1, description="Check whether to report progress every N steps.")
+    report_every_s: float = Field(
+        5.0, ge=0.0,
+        description="Least seconds between progress reports (Ray Train drains reports every ~2 s; "
+        "reporting faster stalls training).",
+    )
+    eval_exact_match: bool | None = Field(
+        None,
+        description="Also score greedy generations by exact match (default: on for "
+        "builtin:arithmetic).",
+    )
+    eval_max_examples: int = Field(
+        64, ge=1, description="Eval examples scored by generation (exact match)."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Generation length for exact-match eval.")
+
+
+class DeepSpeedSpec(Section):
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0, 1, 2 or 3.")
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state on CPU (ZeRO-Offload; stage 2 or 3)."
+    )
+    offload_params: bool = Field(False, description="Keep parameters on CPU (stage 3 only).")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Advanced: raw DeepSpeed config merged over the generated one.",
+    )
+
+
+class ScalingSpec(Section):
+    num_workers: int = Field(2, ge=1, description="Training workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy for the workers."
+    )
+
+
+class CheckpointSpec(Section):
+    keep: int = Field(2, ge=1, description="Checkpoints kept (best by `metric`).")
+    metric: str = Field("eval_loss", description="Metric that ranks checkpoints.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+
+
+class FailureSpec(Section):
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = unlimited)."
+    )
+
+
+class TuneSpec(Section):
+    """Sweep settings, read by `raylm tune`."""
+
+    num_samples: int = Field(8, ge=1, description="Trials to run.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="Early-stopping scheduler.")
+    metric: str = Field("eval_loss", description="Metric that ranks trials.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    search: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Dotted spec field → {loguniform|uniform|choice|grid: …}."
+    )
+
+
+class ServeSpec(Section):
+    """Serving settings, read by `raylm serve`."""
+
+    autoscaling: dict[str, Any] = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1},
+        description="Ray Serve autoscaling_config, passed through.",
+    )
+    max_batch_size: int = Field(8, ge=1, description="Requests batched per forward pass.")
+    api_key_env: str | None = Field(None, description="Env var holding the API key, if any.")
+    promote_if: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Gate on metrics, e.g. {eval_loss: {max: 2.0}}."
+    )
+
+
+class JobSpec(Section):
+    name: str = Field(
+        "job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name; re-running the same name resumes it.",
+    )
+    storage_path: str = Field("./runs", description="Where runs and checkpoints are kept.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    tune: TuneSpec | None = Field(None, description="Sweep section (optional).")
+    serve: ServeSpec | None = Field(None, description="Serving section (optional).")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobSpec:
+        _raise_problems("JobSpec", cross_field_problems(self))
+        return self
+
+    @property
+    def precision(self) -> str:
+        """The resolved training precision: fp32, bf16 or fp16."""
+        if self.training.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.training.precision
+
+    @property
+    def exact_match_enabled(self) -> bool:
+        """Whether eval scores greedy generations by exact match."""
+        if self.training.eval_exact_match is not None:
+            return self.training.eval_exact_match
+        return self.data.train == "builtin:arithmetic"
+
+    @property
+    def run_dir(self) -> str:
+        """Where this job's run lives: `<storage_path>/<name>`."""
+        return os.path.join(self.storage_path, self.name)
+
+
+def cross_field_problems(spec: JobSpec) -> list[Problem]:
+    """Checks that span fields: returns (path, value, message) for each problem."""
+    out: list[Problem] = []
+    ds, tr, sc = spec.deepspeed, spec.training, spec.scaling
+    if ds.offload_optimizer and ds.zero_stage < 2:
+        out.append((["deepspeed", "offload_optimizer"], True,
+                    f"optimizer offload needs zero_stage 2 or 3, not {ds.zero_stage}"))
+    if ds.offload_params and ds.zero_stage != 3:
+        out.append((["deepspeed", "offload_params"], True,
+                    f"parameter offload needs zero_stage 3, not {ds.zero_stage}"))
+    if tr.precision in ("bf16", "fp16") and not sc.use_gpu:
+        out.append((["training", "precision"], tr.precision,
+                    "bf16/fp16 training needs scaling.use_gpu: true (CPU trains in fp32)"))
+    if spec.model.dtype == "float16" and not sc.use_gpu:
+        out.append((["model", "dtype"], "float16", "float16 weights need scaling.use_gpu: true"))
+    per_step = tr.micro_batch_size * tr.grad_accum * sc.num_workers
+    if tr.global_batch_size is not None and tr.global_batch_size != per_step:
+        out.append((["training", "global_batch_size"], tr.global_batch_size,
+                    f"must equal micro_batch_size ({tr.micro_batch_size}) × grad_accum "
+                    f"({tr.grad_accum}) × scaling.num_workers ({sc.num_workers}) = {per_step}"))
+    known = set(TRAIN_METRICS)
+    if spec.checkpoint.metric not in known:
+        out.append((["checkpoint", "metric"], spec.checkpoint.metric,
+                    f"unknown metric; one of {sorted(known)}"))
+    if spec.checkpoint.metric == "exact_match" and not spec.exact_match_enabled:
+        out.append((["checkpoint", "metric"], "exact_match",
+                    "exact_match is only computed when training.eval_exact_match is on"))
+    if spec.data.eval is None and spec.data.eval_fraction == 0.0:
+        out.append((["data", "eval_fraction"], 0.0, "no eval data: set data.eval or eval_fraction > 0"))
+    name = spec.model.name_or_path
+    if name.startswith(BUILTIN_PREFIX) and name not in BUILTIN_MODELS:
+        out.append((["model", "name_or_path"], name, f"unknown builtin; one of {list(BUILTIN_MODELS)}"))
+    if spec.lora.enabled and isinstance(spec.lora.target_modules, list) and not spec.lora.target_modules:
+        out.append((["lora", "target_modules"], [], "must name at least one module or be all-linear"))
+    if isinstance(spec.lora.target_modules, str) and spec.lora.target_modules != "all-linear":
+        out.append((["lora", "target_modules"], spec.lora.target_modules,
+                    "a string must be `all-linear`; list module names otherwise"))
+    return out
+
+
+def _data_source_problem(source: str | None) -> str | None:
+    """Why a data source cannot be read, or None. Hub names are checked when loaded."""
+    if source is None:
+        return None
+    if source.startswith(BUILTIN_PREFIX):
+        return None if source in BUILTIN_DATASETS else f"unknown builtin; one of {list(BUILTIN_DATASETS)}"
+    looks_local = source.endswith(LOCAL_DATA_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(os.path.expanduser(source)).exists():
+        return "file or directory not found"
+    return None
+
+
+class JobSpecError(ValueError):
+    """A job file that cannot be used; `problems` lists every `path=value: message` found."""
+
+    def __init__(self, problems: list[str], source: str = "job"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turns `a.b=value` strings into a nested dict (values parsed as YAML); returns (dict, problems)."""
+    tree: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w.-]*", key) or ".." in key:
+            problems.append(f"override {item!r}: expected dotted.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: {part} is already set to a value")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key (value {value!r}); check the spelling"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    if isinstance(value, float) and not math.isfinite(value):
+        value = str(value)
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{path}={shown}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def spec_from_dict(data: Any, source: str = "job") -> JobSpec:
+    """Validates a plain dict as a JobSpec. Raises JobSpecError listing every problem."""
+    if not isinstance(data, dict):
+        raise JobSpecError([f"(top level): expected a mapping of sections, got {type(data).__name__}"], source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            problems.append(_format_error(err))
+        raise JobSpecError(problems, source) from None
+
+
+def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobSpec:
+    """Reads a YAML job file, applies `key=value` overrides, and validates it.
+
+    Returns the JobSpec; raises JobSpecError naming every bad field and value.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobSpecError([f"cannot read job file: {exc}"], source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobSpecError([f"not valid YAML: {exc}"], source) from None
+    if data is None:
+        raise JobSpecError(["the job file is empty"], source)
+    tree, problems = parse_overrides(overrides or [])
+    if problems:
+        raise JobSpecError(problems, source)
+    if isinstance(data, dict):
+        data = _merge(data, tree)
+    return spec_from_dict(data, source)

@@ -1,0 +1,370 @@
+"""Ray Train + DeepSpeed: the per-worker loop, `build_trainer(spec)` and `run_train(spec)`."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from raylm.spec import JobSpec
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+PROBE_FALLBACK_TEXT = "The quick brown fox"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """How many steps the run takes and when it evaluates."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+
+def plan_steps(spec: JobSpec, n_train: int, world_size: int) -> Plan:
+    """Derives the step plan; raises ValueError if the data cannot fill one optimizer step."""
+    from raylm.data import steps_per_epoch
+
+    per_epoch = steps_per_epoch(n_train, spec, world_size)
+    if per_epoch < 1:
+        tr = spec.training
+        need = tr.micro_batch_size * tr.grad_accum * world_size
+        raise ValueError(f"{n_train} training examples cannot fill one step of {need} "
+                         "(micro_batch_size × grad_accum × num_workers)")
+    total = spec.training.max_steps or per_epoch * spec.training.epochs
+    return Plan(per_epoch, total, spec.training.eval_every or min(per_epoch, total))
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _even_shard(items: list[Any], rank: int, world: int) -> list[tuple[Any, bool]]:
+    """Every rank gets the same count (ZeRO-3 forwards are collectives); padding rows count 0."""
+    per = math.ceil(len(items) / world)
+    out = []
+    for i in range(per):
+        j = rank + i * world
+        out.append((items[j % len(items)], j < len(items)))
+    return out
+
+
+def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> dict[str, float]:
+    """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
+    import torch
+
+    from raylm.data import IGNORE_INDEX, collate, format_prompt
+
+    engine.eval()
+    micro = spec.training.micro_batch_size
+    shard = _even_shard(evals, rank, world)
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, len(shard), micro):
+            chunk = shard[i : i + micro]
+            batch = collate([e for e, _ in chunk], tok.pad_token_id)
+            keep = torch.tensor([real for _, real in chunk])
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            labels[~keep] = IGNORE_INDEX
+            per_tok = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum")
+            loss_sum += per_tok.item()
+            tokens += (labels != IGNORE_INDEX).sum().item()
+        metrics: dict[str, float] = {}
+        loss_sum, tokens = _all_reduce_sum([loss_sum, tokens])
+        metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        if spec.exact_match_enabled and spec.data.format == "instruction":
+            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world, format_prompt)
+    engine.train()
+    return metrics
+
+
+def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int, fmt: Any) -> float:
+    rows = [e.row for e in evals[: spec.training.eval_max_examples]]
+    shard = _even_shard(rows, rank, world)
+    hits = count = 0.0
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right edge
+    try:
+        for i in range(0, len(shard), spec.training.micro_batch_size):
+            chunk = shard[i : i + spec.training.micro_batch_size]
+            enc = tok([fmt(spec.data.template, r) for r, _ in chunk], return_tensors="pt", padding=True)
+            out = engine.module.generate(
+                **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)
+            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+                if real:
+                    text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+                    hits += text == str(row["output"]).strip()
+                    count += 1
+    finally:
+        tok.padding_side = side
+    hits, count = _all_reduce_sum([hits, count])
+    return hits / max(count, 1.0)
+
+
+def _probe(engine: Any, tok: Any, spec: JobSpec, evals: list[Any]) -> tuple[Any, Any]:
+    """A fixed prompt and the model's last-position logits (a collective under ZeRO-3)."""
+    import torch
+
+    from raylm.data import format_prompt
+
+    if spec.data.format == "instruction" and evals and evals[0].row:
+        text = format_prompt(spec.data.template, evals[0].row)
+    else:
+        text = PROBE_FALLBACK_TEXT
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+    engine.train()
+    return ids[0], logits
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build, restore, train, evaluate, checkpoint, report."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    from raylm.checkpoint import load_train_state, save_checkpoint, save_probe
+    from raylm.data import build_datasets, collate, shard_indices
+    from raylm.deepspeed import build_ds_config
+    from raylm.models import build_model, build_tokenizer, resolve_model_path
+
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    started = time.time()
+    _seed_all(spec.training.seed)
+    model_path = resolve_model_path(spec.model.name_or_path)
+    tok = build_tokenizer(spec, model_path)
+    model = build_model(spec, model_path)
+    train, evals = build_datasets(spec, tok)
+    plan = plan_steps(spec, len(train), world)
+    ds_config = build_ds_config(spec, world, plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config)
+
+    step, epoch, history = 0, 0, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as ckpt_dir:
+            state = load_train_state(ckpt_dir, engine, rank)
+            from raylm.checkpoint import read_metadata
+
+            history = read_metadata(ckpt_dir).get("history", [])
+        step, epoch = state["step"], state["epoch"]
+        if rank == 0:
+            print(f"[raylm] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True)
+    else:
+        _seed_all(spec.training.seed + rank)  # dropout streams differ per worker
+        first = {"step": 0, "epoch": 0, **evaluate(engine, tok, evals, spec, rank, world),
+                 "total_steps": plan.total_steps}
+        history.append(first)
+        ray.train.report(first)
+
+    micro, accum = spec.training.micro_batch_size, spec.training.grad_accum
+    per_rank = plan.steps_per_epoch * accum * micro
+    window_loss, window_tokens, window_steps = 0.0, 0, 0
+    window_start = last_report = time.time()
+    first_step_unix = None
+    while step < plan.total_steps:
+        order = shard_indices(len(train), rank, world, epoch, spec.training.seed, per_rank)
+        done_in_epoch = step - epoch * plan.steps_per_epoch
+        for m in range(done_in_epoch * accum, len(order) // micro):
+            batch = collate([train[i] for i in order[m * micro : (m + 1) * micro]], tok.pad_token_id)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.item() / accum
+            window_tokens += int(batch["attention_mask"].sum())
+            if (m + 1) % accum:
+                continue
+            step += 1
+            window_steps += 1
+            first_step_unix = first_step_unix or time.time()
+            is_eval = step % plan.eval_every == 0 or step == plan.total_steps
+            if step % spec.training.log_every and not is_eval:
+                continue
+            # Rank 0 decides whether to report, so every worker reports the same number of times.
+            due = float(rank == 0 and time.time() - last_report >= spec.training.report_every_s)
+            loss_sum, tokens, due = _all_reduce_sum([window_loss, float(window_tokens), due])
+            if not is_eval and not due:
+                continue
+            elapsed = time.time() - window_start
+            metrics = {
+                "step": step, "epoch": epoch, "total_steps": plan.total_steps,
+                "loss": loss_sum / world / window_steps, "lr": engine.get_lr()[0],
+                "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
+                "elapsed_s": time.time() - started, "first_step_unix": first_step_unix,
+            }
+            window_loss, window_tokens, window_steps = 0.0, 0, 0
+            if not is_eval:
+                ray.train.report(metrics)
+                window_start = last_report = time.time()  # time blocked in report is not step time
+                continue
+            metrics.update(evaluate(engine, tok, evals, spec, rank, world))
+            history.append({k: v for k, v in metrics.items() if k != "first_step_unix"})
+            probe_ids, probe_logits = _probe(engine, tok, spec, evals)
+            next_epoch = epoch + 1 if step % plan.steps_per_epoch == 0 else epoch
+            with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+                save_checkpoint(
+                    tmp, engine=engine, tokenizer=tok, rank=rank, lora=spec.lora.enabled,
+                    metadata={
+                        "job": spec.name, "step": step, "metrics": metrics, "history": history,
+                        "spec": spec.model_dump(mode="json"), "base_model": model_path,
+                        "task": spec.model.task, "data_format": spec.data.format,
+                        "template": spec.data.template, "world_size": world,
+                        "zero_stage": spec.deepspeed.zero_stage,
+                    },
+                    train_state={"step": step, "epoch": next_epoch,
+                                 "global_samples": engine.global_samples})
+                if rank == 0:
+                    save_probe(tmp, probe_ids, probe_logits)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
+            window_start = last_report = time.time()  # eval and checkpoint time is not step time
+            if step >= plan.total_steps:
+                break
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress_callback() -> Any:
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        """Prints one line per report on the controller: step/total, loss, eval, tokens/s, ETA."""
+
+        def __init__(self) -> None:
+            self.t0: float | None = None
+            self.step0 = 0
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            m = metrics[0] if metrics else {}
+            step, total = m.get("step", 0), m.get("total_steps", 0)
+            now = time.time()
+            if self.t0 is None:
+                self.t0, self.step0 = now, step
+            rate = (step - self.step0) / max(now - self.t0, 1e-9)
+            eta = (total - step) / rate if rate > 0 else float("nan")
+            parts = [f"step {step}/{total}"]
+            for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("exact_match", ".3f"),
+                             ("tokens_per_s", ".0f"), ("lr", ".2e")):
+                if key in m:
+                    parts.append(f"{key} {m[key]:{fmt}}")
+            if math.isfinite(eta):
+                parts.append(f"ETA {eta:.0f}s")
+            if checkpoint is not None:
+                parts.append("checkpoint saved")
+            print("[raylm] " + " | ".join(parts), flush=True)
+
+    return Progress()
+
+
+def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer for the job: ScalingConfig, RunConfig, CheckpointConfig, FailureConfig."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sc = spec.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    env = {} if sc.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if "RAYLM_CACHE" in os.environ:
+        env["RAYLM_CACHE"] = os.environ["RAYLM_CACHE"]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_uri(spec.storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.checkpoint.keep,
+                checkpoint_score_attribute=spec.checkpoint.metric,
+                checkpoint_score_order=spec.checkpoint.mode),
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            callbacks=callbacks if callbacks is not None else [_progress_callback()],
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    run_dir: str
+    checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict[str, Any]
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_train(spec: JobSpec) -> TrainResult:
+    """Trains the job on the current Ray cluster (starting a local one if none).
+
+    Re-running a job with the same name and storage path resumes from its latest checkpoint.
+    Returns a TrainResult; raises ray.train.TrainingFailedError if the run fails.
+    """
+    from raylm.checkpoint import read_metadata
+    from raylm.cluster import ensure_ray
+    from raylm.report import write_train_report
+
+    ensure_ray()
+    result = build_trainer(spec).fit()
+    if result.error:
+        raise result.error
+    latest = result.checkpoint.path if result.checkpoint else None
+    best = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode) if result.best_checkpoints else None
+    best_path = best.path if best else latest
+    history = read_metadata(latest).get("history", []) if latest else []
+    best_metrics = read_metadata(best_path).get("metrics", {}) if best_path else {}
+    run_dir = os.path.join(storage_uri(spec.storage_path), spec.name)
+    write_train_report(run_dir, history)
+    return TrainResult(run_dir, latest, best_path, dict(result.metrics or {}), best_metrics, history)
