@@ -123,39 +123,61 @@ def save_checkpoint(
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
 
-def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str, Any]:
-    """Restores weights, Adam moments, scheduler and RNG into a fresh engine; returns state.json.
-
-    Every worker calls it (setting ZeRO-3 partitions is a collective).
-    """
+def load_weights(directory: str | Path, model: Any) -> None:
+    """Copies a checkpoint's fp32 trainable weights into `model` before DeepSpeed wraps it, so
+    every ZeRO stage builds its partitions and master copies from the restored values."""
     import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / STATE_DIR / "optim.safetensors"))
+    with torch.no_grad():
+        for name, p in trainable_params(model):
+            p.data.copy_(tensors[f"param/{name}"].to(p.dtype))
+
+
+def _prime_optimizer_state(engine: Any) -> None:
+    """Creates the Adam state torch (and DeepSpeed's CPU Adam) would create at the first step,
+    then lets ZeRO-1/2 link its per-parameter views of it, so moments can be written now."""
+    import torch
+
+    base = _base_optimizer(engine)
+    int_step = "CPUAdam" in type(base).__name__  # DeepSpeed's CPU Adam counts steps in an int
+    for group in base.param_groups:
+        for p in group["params"]:
+            if not base.state.get(p):
+                base.state[p] = {"step": 0 if int_step else torch.tensor(0.0),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str, Any]:
+    """Restores Adam moments and step, the LR scheduler, counters and this worker's RNG into an
+    engine whose model got `load_weights` first; returns state.json. Every worker calls it
+    (ZeRO-3 partitions are set collectively)."""
+    import torch
+    from deepspeed.utils import safe_set_full_optimizer_state
     from safetensors.torch import load_file
 
     state_dir = Path(directory) / STATE_DIR
     state = json.loads((state_dir / "state.json").read_text())
     tensors = load_file(str(state_dir / "optim.safetensors"))
+    _prime_optimizer_state(engine)
     base = _base_optimizer(engine)
-    step = state.get("optimizer_step")
     for name, p in trainable_params(engine.module):
-        value = tensors[f"param/{name}"]
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            safe_set_full_fp32_param(p, value)
-            for key in ADAM_KEYS:
-                if f"{key}/{name}" in tensors:
-                    safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"], key)
-        else:  # no ZeRO: torch's AdamW creates state lazily, so build it here
-            with torch.no_grad():
-                p.data.copy_(value.to(p.dtype))
-            if f"exp_avg/{name}" in tensors:
-                base.state[p] = {
-                    "step": torch.tensor(step or 0.0),
-                    **{k: tensors[f"{k}/{name}"].to(p.dtype).clone() for k in ADAM_KEYS},
-                }
+        for key in ADAM_KEYS:
+            value = tensors.get(f"{key}/{name}")
+            if value is None:
+                continue
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, value, key)
+            else:  # no ZeRO: the optimizer keys its state by the module's own parameters
+                base.state[p][key].copy_(value.to(p.dtype))
+    step = state.get("optimizer_step")
     if step is not None:
         for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(step) if torch.is_tensor(st["step"]) else step
+            st["step"] = torch.tensor(step) if torch.is_tensor(st["step"]) else type(st["step"])(step)
     if engine.lr_scheduler is not None and state.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     rng_file = state_dir / f"rng_rank{rank}.safetensors"

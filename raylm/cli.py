@@ -67,6 +67,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    import time
+
+    from raylm.deepspeed import warm_ops
+    from raylm.models import materialize_tiny_llama
+
+    t0 = time.time()
+    print(f"built DeepSpeed ops: {', '.join(warm_ops()) or 'none needed'}")
+    print(f"builtin model ready: {materialize_tiny_llama()}  ({time.time() - t0:.0f}s)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `raylm` argument parser."""
     parser = argparse.ArgumentParser(prog="raylm", description=__doc__.splitlines()[0])
@@ -84,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
     p.set_defaults(func=cmd_train)
+    sub.add_parser("warmup", help="prebuild DeepSpeed's JIT ops and the builtin model on this machine"
+                   ).set_defaults(func=cmd_warmup)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `raylm` console script; returns the exit code."""
+    # Progress must reach a log file or pipe as it happens, not when a buffer fills.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -97,3 +97,18 @@ def build_ds_config(spec: JobSpec, world_size: int, total_steps: int) -> dict[st
     if ds.config:
         config = _deep_merge(config, ds.config)
     return config
+
+
+def warm_ops(offload: bool = True) -> list[str]:
+    """Builds DeepSpeed's JIT C++ ops once (shm comm; CPU Adam for offload) into the torch
+    extensions cache, so the first training run doesn't pay minutes for it. Returns their names."""
+    from deepspeed.accelerator import get_accelerator
+
+    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if offload else [])
+    built = []
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built.append(builder.absolute_name())
+    return built

@@ -173,7 +173,11 @@ def build_model(spec: JobSpec, path: str | None = None) -> PreTrainedModel:
         trust_remote_code=spec.model.trust_remote_code,
     )
     if spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; older releases only have the gradient_* name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         if spec.lora.enabled:
             model.enable_input_require_grads()

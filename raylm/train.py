@@ -156,7 +156,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from raylm.checkpoint import load_train_state, save_checkpoint, save_probe
+    from raylm.checkpoint import (
+        load_train_state, load_weights, read_metadata, save_checkpoint, save_probe,
+    )
     from raylm.data import build_datasets, collate, shard_indices
     from raylm.deepspeed import build_ds_config
     from raylm.models import build_model, build_tokenizer, resolve_model_path
@@ -171,20 +173,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(spec, model_path)
     train, evals = build_datasets(spec, tok)
     plan = plan_steps(spec, len(train), world)
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as ckpt_dir:
+            load_weights(ckpt_dir, model)
     ds_config = build_ds_config(spec, world, plan.total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config)
 
-    step, epoch, history = 0, 0, []
-    resume = ray.train.get_checkpoint()
+    step, epoch, history, resumes = 0, 0, [], []
     if resume is not None:
         with resume.as_directory() as ckpt_dir:
             state = load_train_state(ckpt_dir, engine, rank)
-            from raylm.checkpoint import read_metadata
-
-            history = read_metadata(ckpt_dir).get("history", [])
+            meta = read_metadata(ckpt_dir)
         step, epoch = state["step"], state["epoch"]
+        history, resumes = meta.get("history", []), meta.get("resumes", []) + [step]
         if rank == 0:
             print(f"[raylm] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True)
     else:
@@ -243,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     tmp, engine=engine, tokenizer=tok, rank=rank, lora=spec.lora.enabled,
                     metadata={
                         "job": spec.name, "step": step, "metrics": metrics, "history": history,
+                        "resumes": resumes,
                         "spec": spec.model_dump(mode="json"), "base_model": model_path,
                         "task": spec.model.task, "data_format": spec.data.format,
                         "template": spec.data.template, "world_size": world,

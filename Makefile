@@ -1,0 +1,31 @@
+# Everything installs into ./.venv from nothing but Python and pip.
+# TORCH is pinned here, not in pyproject: torch==2.13.0 takes the CPU wheel on these machines,
+# where an open range would pull GBs of CUDA packages. On a GPU box: make TORCH=torch ...
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/raylm warmup
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/raylm train jobs/quickstart.yaml
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check raylm tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

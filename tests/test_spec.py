@@ -1,0 +1,126 @@
+"""Job spec: loading, overrides, every problem reported at once, CLI exit codes."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raylm.spec import JobSpec, JobSpecError, load_job, parse_overrides, spec_from_dict
+
+from .conftest import REPO
+
+
+def problems_of(data) -> list[str]:
+    with pytest.raises(JobSpecError) as info:
+        spec_from_dict(data)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "*.yaml"))))
+def test_shipped_jobs_validate_and_start_with_their_launch_command(path):
+    spec = load_job(path)
+    first = open(path).readline()
+    assert first.startswith("#") and "raylm " in first, f"{path} lacks its launch-command header"
+    assert spec.name
+
+
+def test_defaults_are_valid_and_cpu_trains_fp32():
+    spec = JobSpec()
+    assert spec.precision == "fp32"
+    assert spec.model.trust_remote_code is False
+    assert JobSpec(scaling={"use_gpu": True}).precision == "bf16"
+
+
+def test_overrides_are_parsed_as_yaml_and_applied(tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text(yaml.safe_dump({"name": "x", "training": {"lr": 0.1}}))
+    spec = load_job(job, ["training.lr=1e-4", "scaling.num_workers=4", "lora.enabled=false",
+                          "lora.target_modules=[q_proj, v_proj]"])
+    assert spec.training.lr == pytest.approx(1e-4)
+    assert spec.scaling.num_workers == 4
+    assert spec.lora.enabled is False
+    assert spec.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_bad_override_syntax_is_reported():
+    _, problems = parse_overrides(["training.lr", "=3", "a..b=1"])
+    assert len(problems) == 3
+
+
+def test_every_problem_is_reported_at_once_with_path_and_value():
+    problems = problems_of({
+        "deepspeed": {"zero_stage": 4}, "lora": {"r": 0, "rank": 8},
+        "training": {"lr": "fast"}, "data": {"train": "./missing.jsonl"},
+    })
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    assert "deepspeed.zero_stage=4" in text
+    assert "lora.r=0" in text
+    assert "lora.rank" in text and "unknown key" in text
+    assert "training.lr='fast'" in text
+    assert "data.train='./missing.jsonl'" in text and "not found" in text
+
+
+def test_cross_field_problems_are_all_reported():
+    problems = problems_of({
+        "deepspeed": {"zero_stage": 1, "offload_optimizer": True, "offload_params": True},
+        "training": {"precision": "bf16", "global_batch_size": 10},
+        "checkpoint": {"metric": "accuracy"},
+    })
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    assert "deepspeed.offload_optimizer=True" in text and "zero_stage 2 or 3" in text
+    assert "deepspeed.offload_params=True" in text
+    assert "training.precision='bf16'" in text
+    assert "training.global_batch_size=10" in text and "= 16" in text
+    assert "checkpoint.metric='accuracy'" in text
+
+
+def test_global_batch_size_that_matches_is_accepted():
+    spec = spec_from_dict({"training": {"micro_batch_size": 4, "grad_accum": 2, "global_batch_size": 16}})
+    assert spec.training.global_batch_size == 16
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "empty"),
+    ("model: [unclosed", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+    ("training: 3\n", "training"),
+])
+def test_unusable_files_are_reported(tmp_path, text, needle):
+    job = tmp_path / "bad.yaml"
+    job.write_text(text)
+    with pytest.raises(JobSpecError) as info:
+        load_job(job)
+    assert needle in str(info.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    # Prints whether Ray was imported: a bad job must be refused before any Ray work starts.
+    code = ("import sys; from raylm.cli import main; rc = main(sys.argv[1:]); "
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = _cli("validate", "jobs/quickstart.yaml")
+    assert ok.returncode == 0, ok.stderr
+    assert "ok:" in ok.stdout
+    bad = _cli("validate", "jobs/quickstart.yaml", "deepspeed.zero_stage=4", "lora.r=0")
+    assert bad.returncode == 2
+    assert "deepspeed.zero_stage=4" in bad.stderr and "lora.r=0" in bad.stderr
+
+
+def test_cli_train_refuses_a_bad_job_before_ray_starts(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("name: x\ndeepspeed: {zero_stage: 2, offload_params: true}\nscaling: {num_workers: 0}\n")
+    out = _cli("train", str(job))
+    assert out.returncode == 2
+    assert "scaling.num_workers=0" in out.stderr
+    assert out.stdout.strip().endswith("NO_RAY")
