@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from raylm.spec import JobSpec, JobSpecError, load_job
+from raylm.spec import JobSpec, JobSpecError, load_job, reference_markdown
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
     p.set_defaults(func=cmd_train)
+    sub.add_parser("reference", help="print the job-file reference (Markdown)").set_defaults(
+        func=lambda _args: print(reference_markdown(), end="") or EXIT_OK)
     sub.add_parser("warmup", help="prebuild DeepSpeed's JIT ops and the builtin model on this machine"
                    ).set_defaults(func=cmd_warmup)
     return parser

@@ -35,16 +35,16 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if train:
-        ax.plot(*zip(*train), label="train loss", marker=".")
+        ax.plot(*zip(*train, strict=True), label="train loss", marker=".")
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="o")
+        ax.plot(*zip(*evals, strict=True), label="eval loss", marker="o")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     em = [(r["step"], r["exact_match"]) for r in history if "exact_match" in r]
     if em:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*em), color="tab:green", label="exact match", marker="s")
+        ax2.plot(*zip(*em, strict=True), color="tab:green", label="exact match", marker="s")
         ax2.set_ylabel("exact match")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")

@@ -50,7 +50,7 @@ class ModelSpec(Section):
     name_or_path: str = Field(
         "builtin:tiny-llama",
         description="Hugging Face hub id, local model directory, or `builtin:tiny-llama` (a tiny "
-        "random-init Llama built locally; no download).",
+        "Llama built and briefly pretrained on digit text locally; no download).",
     )
     task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained to do.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -200,7 +200,7 @@ class FailureSpec(Section):
 
 
 class TuneSpec(Section):
-    """Sweep settings, read by `raylm tune`."""
+    """Sweep settings for `raylm tune` (validated now; the tune command is not built yet)."""
 
     num_samples: int = Field(8, ge=1, description="Trials to run.")
     scheduler: Literal["asha", "none"] = Field("asha", description="Early-stopping scheduler.")
@@ -212,7 +212,7 @@ class TuneSpec(Section):
 
 
 class ServeSpec(Section):
-    """Serving settings, read by `raylm serve`."""
+    """Serving settings for `raylm serve` (validated now; the serve command is not built yet)."""
 
     autoscaling: dict[str, Any] = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 1},
@@ -415,3 +415,28 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     if isinstance(data, dict):
         data = _merge(data, tree)
     return spec_from_dict(data, source)
+
+
+def reference_markdown() -> str:
+    """The job-file reference as Markdown tables, generated from the field descriptions."""
+    import json as _json
+
+    lines: list[str] = []
+    top = [(n, f) for n, f in JobSpec.model_fields.items()
+           if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section))
+           and n not in ("tune", "serve")]
+    lines += ["| field | default | description |", "|---|---|---|"]
+    lines += [f"| `{n}` | `{f.default}` | {f.description} |" for n, f in top]
+    sections = [("model", ModelSpec), ("data", DataSpec), ("lora", LoraSpec),
+                ("training", TrainingSpec), ("deepspeed", DeepSpeedSpec),
+                ("scaling", ScalingSpec), ("checkpoint", CheckpointSpec),
+                ("failure", FailureSpec), ("tune", TuneSpec), ("serve", ServeSpec)]
+    for name, model in sections:
+        doc = f" — {model.__doc__.strip()}" if model.__doc__ else ""
+        lines += ["", f"**`{name}`**{doc}", "", "| field | default | description |", "|---|---|---|"]
+        for field_name, f in model.model_fields.items():
+            default = f.default_factory() if f.default_factory is not None else f.default
+            shown = _json.dumps(default) if not isinstance(default, str) else default
+            shown = shown.replace("\n", "\\n").replace("|", "\\|")
+            lines.append(f"| `{name}.{field_name}` | `{shown}` | {f.description} |")
+    return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: i
             out = engine.module.generate(
                 **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)
-            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
                 if real:
                     text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
                     hits += text == str(row["output"]).strip()
@@ -154,10 +155,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build, restore, train, evaluate, checkpoint, report."""
     import deepspeed
     import ray.train
-    import torch
 
     from raylm.checkpoint import (
-        load_train_state, load_weights, read_metadata, save_checkpoint, save_probe,
+        load_train_state,
+        load_weights,
+        read_metadata,
+        save_checkpoint,
+        save_probe,
     )
     from raylm.data import build_datasets, collate, shard_indices
     from raylm.deepspeed import build_ds_config
@@ -200,8 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     micro, accum = spec.training.micro_batch_size, spec.training.grad_accum
     per_rank = plan.steps_per_epoch * accum * micro
-    window_loss, window_tokens, window_steps = 0.0, 0, 0
-    window_start = last_report = time.time()
+    window_loss, window_tokens, window_steps, step_times = 0.0, 0, 0, []
+    window_start = last_report = step_start = time.time()
     first_step_unix = None
     while step < plan.total_steps:
         order = shard_indices(len(train), rank, world, epoch, spec.training.seed, per_rank)
@@ -217,7 +221,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             step += 1
             window_steps += 1
-            first_step_unix = first_step_unix or time.time()
+            now = time.time()
+            step_times.append(now - step_start)
+            step_start = now
+            first_step_unix = first_step_unix or now
             is_eval = step % plan.eval_every == 0 or step == plan.total_steps
             if step % spec.training.log_every and not is_eval:
                 continue
@@ -231,12 +238,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "step": step, "epoch": epoch, "total_steps": plan.total_steps,
                 "loss": loss_sum / world / window_steps, "lr": engine.get_lr()[0],
                 "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
+                "step_time_p50_s": statistics.median(step_times),
                 "elapsed_s": time.time() - started, "first_step_unix": first_step_unix,
             }
-            window_loss, window_tokens, window_steps = 0.0, 0, 0
+            window_loss, window_tokens, window_steps, step_times = 0.0, 0, 0, []
             if not is_eval:
                 ray.train.report(metrics)
-                window_start = last_report = time.time()  # time blocked in report is not step time
+                window_start = last_report = step_start = time.time()  # report time is not step time
                 continue
             metrics.update(evaluate(engine, tok, evals, spec, rank, world))
             history.append({k: v for k, v in metrics.items() if k != "first_step_unix"})
@@ -259,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save_probe(tmp, probe_ids, probe_logits)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step:07d}")
-            window_start = last_report = time.time()  # eval and checkpoint time is not step time
+            window_start = last_report = step_start = time.time()  # nor is eval and checkpoint time
             if step >= plan.total_steps:
                 break
         epoch += 1
@@ -357,7 +365,6 @@ def run_train(spec: JobSpec) -> TrainResult:
     Re-running a job with the same name and storage path resumes from its latest checkpoint.
     Returns a TrainResult; raises ray.train.TrainingFailedError if the run fails.
     """
-    from raylm.checkpoint import read_metadata
     from raylm.cluster import ensure_ray
     from raylm.report import write_train_report
 
@@ -365,11 +372,23 @@ def run_train(spec: JobSpec) -> TrainResult:
     result = build_trainer(spec).fit()
     if result.error:
         raise result.error
-    latest = result.checkpoint.path if result.checkpoint else None
-    best = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode) if result.best_checkpoints else None
-    best_path = best.path if best else latest
-    history = read_metadata(latest).get("history", []) if latest else []
-    best_metrics = read_metadata(best_path).get("metrics", {}) if best_path else {}
+    latest = result.checkpoint
+    best = latest
+    if result.best_checkpoints:
+        best = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode) or latest
+    history = _checkpoint_metadata(latest).get("history", []) if latest else []
+    best_metrics = _checkpoint_metadata(best).get("metrics", {}) if best else {}
     run_dir = os.path.join(storage_uri(spec.storage_path), spec.name)
     write_train_report(run_dir, history)
-    return TrainResult(run_dir, latest, best_path, dict(result.metrics or {}), best_metrics, history)
+    return TrainResult(run_dir, latest.path if latest else None, best.path if best else None,
+                       dict(result.metrics or {}), best_metrics, history)
+
+
+def _checkpoint_metadata(checkpoint: Any) -> dict[str, Any]:
+    """A checkpoint's raylm.json, read through its own filesystem (local disk, S3, GCS...)."""
+    import json
+
+    from raylm.checkpoint import META_FILE
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_FILE}") as f:
+        return json.loads(f.read().decode("utf-8"))

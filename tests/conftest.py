@@ -39,3 +39,19 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, with the reason, where CUDA is not available."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

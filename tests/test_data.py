@@ -7,8 +7,18 @@ import json
 import pytest
 
 from raylm.data import (
-    IGNORE_INDEX, build_datasets, builtin_arithmetic, collate, load_records, pack, shard_indices,
-    split_records, steps_per_epoch, tokenize_chat, tokenize_instruction, tokenize_text,
+    IGNORE_INDEX,
+    build_datasets,
+    builtin_arithmetic,
+    collate,
+    load_records,
+    pack,
+    shard_indices,
+    split_records,
+    steps_per_epoch,
+    tokenize_chat,
+    tokenize_instruction,
+    tokenize_text,
 )
 from raylm.models import build_char_tokenizer
 from raylm.spec import spec_from_dict

@@ -33,7 +33,7 @@ def test_lora_trains_only_the_adapter_and_full_trains_everything():
 def test_lora_init_is_identical_for_the_same_seed():
     a = build_model(spec_from_dict({"training": {"seed": 1}}))
     b = build_model(spec_from_dict({"training": {"seed": 1}}))
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and (pa == pb).all()
 
 

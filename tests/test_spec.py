@@ -124,3 +124,21 @@ def test_cli_train_refuses_a_bad_job_before_ray_starts(tmp_path):
     assert out.returncode == 2
     assert "scaling.num_workers=0" in out.stderr
     assert out.stdout.strip().endswith("NO_RAY")
+
+
+def test_readme_reference_is_generated_from_the_spec():
+    from raylm.spec import reference_markdown
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
+    block = text[text.index(start) + len(start) : text.index(end)]
+    assert block == reference_markdown(), "README reference is stale: paste `raylm reference`"
+
+
+def test_readme_opens_with_the_demo_and_test_commands():
+    text = open(os.path.join(REPO, "README.md")).read()
+    commands = [line.split("#")[0].strip() for line in text.split("```bash")[1].split("```")[0].splitlines() if line.strip()]
+    assert commands[:2] == ["make demo", "make test"]
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    assert "raylm train jobs/quickstart.yaml" in makefile and "pytest" in makefile
+    assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
