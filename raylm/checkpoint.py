@@ -142,11 +142,13 @@ def _prime_optimizer_state(engine: Any) -> None:
 
     base = _base_optimizer(engine)
     int_step = "CPUAdam" in type(base).__name__  # DeepSpeed's CPU Adam counts steps in an int
-    for group in base.param_groups:
-        for p in group["params"]:
-            if not base.state.get(p):
-                base.state[p] = {"step": 0 if int_step else torch.tensor(0.0),
-                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    params = [p for group in base.param_groups for p in group["params"]]
+    # ZeRO-3 swaps its flat fp32 partitions into param_groups only while it steps.
+    params += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in params:
+        if not base.state.get(p):
+            base.state[p] = {"step": 0 if int_step else torch.tensor(0.0),
+                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         link()
@@ -178,8 +180,13 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
     if step is not None:
         for st in base.state.values():
             st["step"] = torch.tensor(step) if torch.is_tensor(st["step"]) else type(st["step"])(step)
-    if engine.lr_scheduler is not None and state.get("lr_scheduler"):
-        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    sched = engine.lr_scheduler
+    if sched is not None and state.get("lr_scheduler"):
+        sched.load_state_dict(state["lr_scheduler"])
+        # DeepSpeed's schedulers restore only their counter; the optimizer still holds the LR
+        # from construction until the next step, so put the restored step's LR back now.
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
+            group["lr"] = lr
     rng_file = state_dir / f"rng_rank{rank}.safetensors"
     if rng_file.exists():
         torch.set_rng_state(load_file(str(rng_file))["rng"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -177,23 +178,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(spec, model_path)
     train, evals = build_datasets(spec, tok)
     plan = plan_steps(spec, len(train), world)
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as ckpt_dir:
-            load_weights(ckpt_dir, model)
-    ds_config = build_ds_config(spec, world, plan.total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config)
-
     step, epoch, history, resumes = 0, 0, [], []
-    if resume is not None:
-        with resume.as_directory() as ckpt_dir:
+    resume = ray.train.get_checkpoint()
+    # One local copy of the checkpoint serves the weights (before DeepSpeed partitions them)
+    # and the optimizer state (after): on cloud storage that is one download, not two.
+    with resume.as_directory() if resume else contextlib.nullcontext() as ckpt_dir:
+        if ckpt_dir:
+            load_weights(ckpt_dir, model)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=build_ds_config(spec, world, plan.total_steps))
+        if ckpt_dir:
             state = load_train_state(ckpt_dir, engine, rank)
             meta = read_metadata(ckpt_dir)
-        step, epoch = state["step"], state["epoch"]
-        history, resumes = meta.get("history", []), meta.get("resumes", []) + [step]
-        if rank == 0:
+            step, epoch = state["step"], state["epoch"]
+            history, resumes = meta.get("history", []), meta.get("resumes", []) + [step]
+    if resume is not None:
+        if rank == 0 and step >= plan.total_steps:
+            print(f"[raylm] {spec.name!r} already finished at step {step}; nothing to train "
+                  "(use a new name= to start over)", flush=True)
+        elif rank == 0:
             print(f"[raylm] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True)
     else:
         _seed_all(spec.training.seed + rank)  # dropout streams differ per worker
@@ -243,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             window_loss, window_tokens, window_steps, step_times = 0.0, 0, 0, []
             if not is_eval:
+                history.append({k: v for k, v in metrics.items() if k != "first_step_unix"})
                 ray.train.report(metrics)
                 window_start = last_report = step_start = time.time()  # report time is not step time
                 continue
