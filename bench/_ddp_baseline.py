@@ -1,7 +1,10 @@
 """Baseline for bench/train_overhead.py: the same model, data and batches as a raylm job, trained
 by a bare torchrun + gloo DDP loop with torch's AdamW. Run by the bench, not by hand:
 
-    torchrun --nproc_per_node 2 bench/_ddp_baseline.py JOB OUT_JSON
+    torchrun --nproc_per_node 2 bench/_ddp_baseline.py JOB OUT_JSON [ddp|deepspeed]
+
+`deepspeed` swaps DDP + AdamW for `deepspeed.initialize` with raylm's own DeepSpeed config, so
+the bench can tell DeepSpeed's per-step cost from Ray's.
 """
 
 from __future__ import annotations
@@ -29,8 +32,18 @@ def main() -> None:
     tok, model = build_tokenizer(spec), build_model(spec)
     train, _ = build_datasets(spec, tok)
     plan = plan_steps(spec, len(train), world)
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.training.lr)
+    use_ds = len(sys.argv) > 3 and sys.argv[3] == "deepspeed"
+    if use_ds:
+        import deepspeed
+
+        from raylm.deepspeed import build_ds_config
+
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=build_ds_config(spec, world, plan.total_steps))
+    else:
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.training.lr)
     micro = spec.training.micro_batch_size
     times, first_step, step, epoch = [], None, 0, 0
     while step < plan.total_steps:
@@ -39,11 +52,16 @@ def main() -> None:
         for m in range(len(order) // micro):
             t = time.time()
             batch = collate([train[i] for i in order[m * micro : (m + 1) * micro]], tok.pad_token_id)
-            loss = ddp(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.training.max_grad_norm)
-            opt.step()
-            opt.zero_grad()
+            if use_ds:
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss = ddp(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.training.max_grad_norm)
+                opt.step()
+                opt.zero_grad()
             loss.item()
             times.append(time.time() - t)
             first_step = first_step or time.time()

@@ -193,6 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             meta = read_metadata(ckpt_dir)
             step, epoch = state["step"], state["epoch"]
             history, resumes = meta.get("history", []), meta.get("resumes", []) + [step]
+    engine_ready = time.time()
     if resume is not None:
         if rank == 0 and step >= plan.total_steps:
             print(f"[raylm] {spec.name!r} already finished at step {step}; nothing to train "
@@ -244,15 +245,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "tokens_per_s": tokens / max(elapsed, 1e-9), "step_time_s": elapsed / window_steps,
                 "step_time_p50_s": statistics.median(step_times),
                 "elapsed_s": time.time() - started, "first_step_unix": first_step_unix,
+                "worker_start_unix": started, "engine_ready_unix": engine_ready,
             }
             window_loss, window_tokens, window_steps, step_times = 0.0, 0, 0, []
             if not is_eval:
-                history.append({k: v for k, v in metrics.items() if k != "first_step_unix"})
+                history.append({k: v for k, v in metrics.items() if not k.endswith("_unix")})
                 ray.train.report(metrics)
                 window_start = last_report = step_start = time.time()  # report time is not step time
                 continue
             metrics.update(evaluate(engine, tok, evals, spec, rank, world))
-            history.append({k: v for k, v in metrics.items() if k != "first_step_unix"})
+            history.append({k: v for k, v in metrics.items() if not k.endswith("_unix")})
             probe_ids, probe_logits = _probe(engine, tok, spec, evals)
             next_epoch = epoch + 1 if step % plan.steps_per_epoch == 0 else epoch
             with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
@@ -329,7 +331,7 @@ def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTra
         env["RAYLM_CACHE"] = os.environ["RAYLM_CACHE"]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "env": env},
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
             placement_strategy=sc.placement_strategy),
@@ -342,7 +344,6 @@ def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTra
                 checkpoint_score_order=spec.checkpoint.mode),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             callbacks=callbacks if callbacks is not None else [_progress_callback()],
-            worker_runtime_env={"env_vars": env},
         ),
     )
 
