@@ -103,7 +103,9 @@ def save_checkpoint(
     params = trainable_params(module)
     weights = gather_full(engine, params)
     moments = {k: gather_full(engine, params, k) for k in ADAM_KEYS}
-    full = weights if lora else gather_full(engine, list(module.named_parameters()))
+    # Full weights = the trainable ones just gathered + any frozen rest (none in full fine-tuning).
+    frozen = [] if lora else [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    full = weights if lora else {**gather_full(engine, frozen), **weights}
     save_file({"rng": torch.get_rng_state()}, str(state_dir / f"rng_rank{rank}.safetensors"))
     if rank != 0:
         return

@@ -3,6 +3,7 @@ masks, train/eval split, packing, per-worker shards and batching."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from collections.abc import Mapping
@@ -59,8 +60,12 @@ def load_records(source: str, split: str = "train", trust_remote_code: bool = Fa
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     else:
-        # A hub dataset (or a local dataset-script/data dir): the real loader, untested offline.
-        ds = datasets.load_dataset(path, split=split, trust_remote_code=trust_remote_code)
+        # A hub dataset or a local directory of data files: the same `load_dataset` call.
+        # Newer `datasets` dropped dataset scripts and with them `trust_remote_code`.
+        kwargs = {}
+        if trust_remote_code and "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
+            kwargs["trust_remote_code"] = True
+        ds = datasets.load_dataset(path, split=split, **kwargs)
     return [dict(r) for r in ds]
 
 

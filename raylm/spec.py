@@ -92,7 +92,7 @@ class DataSpec(Section):
     max_length: int = Field(512, ge=8, description="Tokens per example; longer ones are truncated.")
     packing: bool = Field(False, description="Concatenate examples into full `max_length` rows.")
     num_examples: int | None = Field(
-        None, ge=1, description="Use at most this many training examples (builtin: how many to make)."
+        None, ge=1, description="Use at most this many training examples (after the eval split)."
     )
 
     @model_validator(mode="after")
@@ -256,7 +256,9 @@ class JobSpec(Section):
 
     @property
     def exact_match_enabled(self) -> bool:
-        """Whether eval scores greedy generations by exact match."""
+        """Whether eval scores greedy generations by exact match (instruction data only)."""
+        if self.data.format != "instruction":
+            return False
         if self.training.eval_exact_match is not None:
             return self.training.eval_exact_match
         return self.data.train == "builtin:arithmetic"

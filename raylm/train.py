@@ -72,7 +72,7 @@ def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, 
     """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
     import torch
 
-    from raylm.data import IGNORE_INDEX, collate, format_prompt
+    from raylm.data import IGNORE_INDEX, collate
 
     engine.eval()
     micro = spec.training.micro_batch_size
@@ -95,13 +95,15 @@ def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, 
         loss_sum, tokens = _all_reduce_sum([loss_sum, tokens])
         metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        if spec.exact_match_enabled and spec.data.format == "instruction":
-            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world, format_prompt)
+        if spec.exact_match_enabled:
+            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world)
     engine.train()
     return metrics
 
 
-def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int, fmt: Any) -> float:
+def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> float:
+    from raylm.data import format_prompt
+
     rows = [e.row for e in evals[: spec.training.eval_max_examples]]
     shard = _even_shard(rows, rank, world)
     hits = count = 0.0
@@ -110,7 +112,8 @@ def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: i
     try:
         for i in range(0, len(shard), spec.training.micro_batch_size):
             chunk = shard[i : i + spec.training.micro_batch_size]
-            enc = tok([fmt(spec.data.template, r) for r, _ in chunk], return_tensors="pt", padding=True)
+            enc = tok([format_prompt(spec.data.template, r) for r, _ in chunk], return_tensors="pt",
+                      padding=True)
             out = engine.module.generate(
                 **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)

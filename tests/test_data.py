@@ -115,6 +115,12 @@ def test_local_sources_load(tmp_path, suffix):
     assert [str(r["output"]) for r in loaded] == [r["output"] for r in rows]
 
 
+def test_a_directory_of_files_goes_through_load_dataset(tmp_path):
+    # The hub branch: `datasets.load_dataset(name_or_dir, split=...)`, exercised offline.
+    (tmp_path / "part-0.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}"}) for i in range(7)))
+    assert [r["text"] for r in load_records(str(tmp_path), split="train")] == [f"t{i}" for i in range(7)]
+
+
 def test_build_datasets_with_explicit_eval_and_limit(tmp_path, tok):
     tr, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     tr.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(30)))
