@@ -227,3 +227,23 @@ def load_for_inference(directory: str | Path, trust_remote_code: bool = False) -
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return tokenizer, model.eval()
+
+
+def export_merged(directory: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:
+    """Writes a plain HF model directory (safetensors + tokenizer) that `AutoModelForCausalLM`
+    loads alone: a LoRA adapter is merged into its base; full weights are re-saved.
+
+    Returns `out_dir`; raises FileExistsError rather than overwrite a non-empty directory.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    tokenizer, model = load_for_inference(directory, trust_remote_code=trust_remote_code)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    meta = read_metadata(directory)
+    meta.update(exported_from=str(directory), base_model=None, exported_unix=time.time())
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return out

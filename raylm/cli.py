@@ -67,6 +67,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if spec is None:
+        return EXIT_BAD_INPUT
+    if spec.tune is None or not spec.tune.search:
+        print(f"error: {args.job}: tune.search is empty; nothing to sweep", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from raylm.cluster import ensure_ray
+    from raylm.report import format_sweep_table
+    from raylm.tune import run_sweep, sweep_dir
+
+    ensure_ray(args.address)
+    try:
+        result = run_sweep(spec, resume=args.resume)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        print(f"\nerror: sweep {spec.name!r} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    m = result.manifest
+    print("\n=== raylm tune: done ===")
+    print(format_sweep_table(result.rows, spec.tune.metric, list(spec.tune.search)))
+    print(f"\npromoted: trial {m['trial_id']} {m['config']}  {m['metric']}={m[m['metric']]:.4g}")
+    print(f"checkpoint: {m['checkpoint']}")
+    print(f"report:     {sweep_dir(spec)}/results.csv, results.json, heatmap.png, curves.png")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raylm.checkpoint import export_merged
+
+    try:
+        out = export_merged(args.checkpoint, args.out_dir)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"exported {args.checkpoint} → {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return EXIT_OK
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
     import time
 
@@ -96,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
     p.set_defaults(func=cmd_train)
+    p = job_command("tune", "sweep the job's tune.search with Ray Tune (ASHA) and promote the best trial")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: local Ray)")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("export", help="merge a LoRA checkpoint into a plain HF model directory")
+    p.add_argument("checkpoint", help="a raylm checkpoint directory")
+    p.add_argument("out_dir", help="new directory for the merged model")
+    p.set_defaults(func=cmd_export)
     sub.add_parser("reference", help="print the job-file reference (Markdown)").set_defaults(
         func=lambda _args: print(reference_markdown(), end="") or EXIT_OK)
     sub.add_parser("warmup", help="prebuild DeepSpeed's JIT ops and the builtin model on this machine"

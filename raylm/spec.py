@@ -199,16 +199,51 @@ class FailureSpec(Section):
     )
 
 
-class TuneSpec(Section):
-    """Sweep settings for `raylm tune` (validated now; the tune command is not built yet)."""
+SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
 
-    num_samples: int = Field(8, ge=1, description="Trials to run.")
-    scheduler: Literal["asha", "none"] = Field("asha", description="Early-stopping scheduler.")
+
+class TuneSpec(Section):
+    """Sweep settings for `raylm tune`: many training runs of this job with fields varied."""
+
+    search: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Dotted job field → one of {loguniform: [lo, hi]}, {uniform: [lo, hi]}, "
+        "{choice: [...]} (sampled) or {grid: [...]} (every value, × num_samples).",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials to sample (grids repeat this many times).")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once (default: as many as the cluster's CPUs/GPUs fit).")
     metric: str = Field("eval_loss", description="Metric that ranks trials.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
-    search: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Dotted spec field → {loguniform|uniform|choice|grid: …}."
-    )
+    scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping of weak trials.")
+    grace_period: int | None = Field(
+        None, ge=1, description="ASHA: steps every trial runs before it can be stopped "
+        "(default: the first eval).")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/factor of trials per rung.")
+    search_alg: Literal["random", "optuna"] = Field(
+        "random", description="`random` (Tune's variant generator) or `optuna` (pip install optuna).")
+    top_k: int = Field(3, ge=1, description="Best trials listed in the manifest (for multi-LoRA serving).")
+
+    @model_validator(mode="after")
+    def _check_search(self) -> TuneSpec:
+        problems: list[Problem] = []
+        for path, dist in self.search.items():
+            kinds = [k for k in dist if k in SEARCH_KINDS]
+            if len(dist) != 1 or len(kinds) != 1:
+                problems.append((["search", path], dist, f"must be exactly one of {list(SEARCH_KINDS)}"))
+                continue
+            kind, arg = kinds[0], dist[kinds[0]]
+            if kind in ("loguniform", "uniform"):
+                ok = (isinstance(arg, list) and len(arg) == 2
+                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)
+                      and arg[0] < arg[1] and (kind == "uniform" or arg[0] > 0))
+                if not ok:
+                    problems.append((["search", path, kind], arg,
+                                     "needs [low, high] numbers with low < high (and low > 0 for loguniform)"))
+            elif not isinstance(arg, list) or not arg:
+                problems.append((["search", path, kind], arg, "needs a non-empty list of values"))
+        _raise_problems("TuneSpec", problems)
+        return self
 
 
 class ServeSpec(Section):
@@ -293,6 +328,8 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
     if spec.checkpoint.metric not in known:
         out.append((["checkpoint", "metric"], spec.checkpoint.metric,
                     f"unknown metric; one of {sorted(known)}"))
+    if spec.tune is not None:
+        out += tune_problems(spec)
     if spec.checkpoint.metric == "exact_match" and not spec.exact_match_enabled:
         out.append((["checkpoint", "metric"], "exact_match",
                     "exact_match is only computed when training.eval_exact_match is on"))
@@ -307,6 +344,50 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
         out.append((["lora", "target_modules"], spec.lora.target_modules,
                     "a string must be `all-linear`; list module names otherwise"))
     return out
+
+
+def search_values(dist: dict[str, Any]) -> list[Any]:
+    """Values to validate for a search entry: every listed value, or both ends of a range."""
+    return list(next(iter(dist.values())))
+
+
+def tune_problems(spec: JobSpec) -> list[Problem]:
+    """A sweep whose metric is unknown, or whose searched values would make an invalid job."""
+    out: list[Problem] = []
+    tune = spec.tune
+    assert tune is not None
+    if tune.metric not in TRAIN_METRICS:
+        out.append((["tune", "metric"], tune.metric, f"unknown metric; one of {sorted(TRAIN_METRICS)}"))
+    if tune.metric == "exact_match" and not spec.exact_match_enabled:
+        out.append((["tune", "metric"], "exact_match", "exact_match is not computed for this job"))
+    grids = [p for p, dist in tune.search.items() if "grid" in dist]
+    if tune.search_alg == "optuna" and grids:
+        out.append((["tune", "search_alg"], "optuna", f"Optuna samples; it cannot run grid entries {grids}"))
+    base = spec.model_dump(mode="json", exclude={"tune"})
+    for path, dist in tune.search.items():
+        parts = path.split(".")
+        node: Any = base
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node or parts[0] in ("tune", "name", "storage_path"):
+            out.append((["tune", "search", path], dist, "not a field of the job that can be searched"))
+            continue
+        for value in search_values(dist):
+            try:
+                JobSpec.model_validate(_merge(base, _nest(parts, value)))
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                out.append((["tune", "search", path], value,
+                            f"makes an invalid job: {_format_error(first)}"))
+    return out
+
+
+def _nest(parts: list[str], value: Any) -> dict[str, Any]:
+    """`["a", "b"], v` → `{"a": {"b": v}}`."""
+    tree: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        tree = {part: tree}
+    return tree
 
 
 def _data_source_problem(source: str | None) -> str | None:

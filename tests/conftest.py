@@ -36,7 +36,9 @@ def ray_cluster():
     """A real local Ray with 2 CPUs, shared by every `ray` test; yields its GCS address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # With its dashboard: Ray Train frees a killed run's placement group through the State API,
+    # which the dashboard serves; without it a killed run's resources leak (kill/resume tests).
+    ray.init(num_cpus=2, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -142,3 +142,40 @@ def test_readme_opens_with_the_demo_and_test_commands():
     makefile = open(os.path.join(REPO, "Makefile")).read()
     assert "raylm train jobs/quickstart.yaml" in makefile and "pytest" in makefile
     assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
+
+
+def test_tune_search_is_validated_field_by_field():
+    problems = problems_of({"tune": {"search": {
+        "training.lr": {"loguniform": [1e-3, 1e-5]}, "lora.r": {"pick": [4]},
+        "lora.alpha": {"choice": []}}}})
+    text = "\n".join(problems)
+    assert len(problems) == 3, text
+    assert "tune.search.training.lr.loguniform=[0.001, 1e-05]" in text
+    assert "tune.search.lora.r" in text and "tune.search.lora.alpha.choice=[]" in text
+
+
+def test_tune_search_values_must_make_valid_jobs():
+    problems = problems_of({"tune": {"metric": "bleu", "search": {
+        "training.lr": {"loguniform": [1e-5, 2.0]}, "lora.r": {"choice": [4, 0]},
+        "training.missing": {"choice": [1]}, "deepspeed.zero_stage": {"grid": [2, 4]}}}})
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    assert "tune.metric='bleu'" in text
+    assert "tune.search.training.lr=2.0: makes an invalid job" in text
+    assert "tune.search.lora.r=0" in text
+    assert "tune.search.training.missing" in text and "not a field" in text
+    assert "tune.search.deepspeed.zero_stage=4" in text
+
+
+def test_optuna_cannot_take_grids():
+    problems = problems_of({"tune": {"search_alg": "optuna", "search": {"lora.r": {"grid": [4, 8]}}}})
+    assert problems == ["tune.search_alg='optuna': Optuna samples; it cannot run grid entries ['lora.r']"]
+
+
+def test_trial_spec_applies_sampled_values():
+    from raylm.tune import trial_spec
+
+    job = spec_from_dict({"tune": {"search": {"training.lr": {"choice": [0.1]}}}}).model_dump(mode="json")
+    spec = trial_spec(job, {"training.lr": 0.01, "lora.r": 16}, "abc_00001", "/tmp/trials")
+    assert spec.training.lr == 0.01 and spec.lora.r == 16
+    assert spec.name == "trial-abc_00001" and spec.storage_path == "/tmp/trials" and spec.tune is None

@@ -1,0 +1,159 @@
+"""Real Ray Tune sweeps of real Train runs: ASHA stops bad trials, the best is promoted, the
+report is written, an interrupted sweep resumes without re-running finished trials, and the
+winner exports to a plain HF model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from raylm.spec import load_job
+from raylm.tune import read_manifest, run_sweep, sweep_dir
+
+from .conftest import REPO, tiny_job
+
+pytestmark = pytest.mark.ray
+
+
+def tune_state(root: str) -> dict[str, dict]:
+    """Tune's own record of each trial (status, start time, last result) from its experiment state."""
+    files = sorted(glob.glob(os.path.join(root, "tuner", "experiment_state-*.json")))
+    if not files:
+        return {}
+    try:
+        data = json.load(open(files[-1]))
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    out = {}
+    for static, runtime in data["trial_data"]:
+        meta, run = json.loads(static), json.loads(runtime)
+        out[meta["trial_id"]] = {"status": meta["status"], "start_time": run["start_time"],
+                                 "step": (run.get("last_result") or {}).get("step")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory):
+    """A 6-trial lr × rank sweep, killed once a trial has finished, then resumed."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    job = tiny_job(
+        tmp, name="sweep",
+        scaling={"num_workers": 1, "cpus_per_worker": 0.9},
+        training={"max_steps": 60, "eval_every": 20},
+        tune={"num_samples": 1, "grace_period": 20, "reduction_factor": 3,
+              "search": {"training.lr": {"grid": [3e-3, 1e-2, 1e-6]}, "lora.r": {"grid": [4, 8]}}})
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spec = load_job(path)
+    root = sweep_dir(spec)
+    log = open(tmp / "first.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "tune", str(path), "--address", ray_cluster],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    deadline = time.time() + 400
+    try:
+        while not any(t["status"] == "TERMINATED" for t in tune_state(root).values()):
+            assert proc.poll() is None, open(tmp / "first.log").read()[-3000:]
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = tune_state(root)
+    result = run_sweep(spec, resume=True)
+    return {"spec": spec, "before": before, "after": tune_state(root), "result": result,
+            "first_log": open(tmp / "first.log").read()}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    before, after = sweep["before"], sweep["after"]
+    finished = {tid: t for tid, t in before.items() if t["status"] == "TERMINATED"}
+    assert finished, before
+    # ...and the kill left work for the resume: trials running or not yet started.
+    assert len(before) < 6 or any(t["status"] != "TERMINATED" for t in before.values()), before
+    assert len(after) == 6 and all(t["status"] == "TERMINATED" for t in after.values())
+    for tid, t in finished.items():  # same start time and last step: Tune did not run them again
+        assert after[tid]["start_time"] == t["start_time"], tid
+        assert after[tid]["step"] == t["step"], tid
+    assert "[raylm tune] trial" in sweep["first_log"]  # live sweep progress
+
+
+def test_asha_stops_trials_with_bad_learning_rates_early(sweep):
+    rows = sweep["result"].rows
+    assert len(rows) == 6
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["step"] < r["total_steps"] for r in stopped)
+    tiny_lr = [r for r in rows if r["training.lr"] == pytest.approx(1e-6)]
+    assert all(r["status"] == "stopped early" for r in tiny_lr)
+    assert any(r["status"] == "finished" for r in rows)
+
+
+def test_promoted_trial_has_the_best_metric_of_all(sweep):
+    rows, manifest = sweep["result"].rows, read_manifest(sweep["spec"])
+    assert manifest == sweep["result"].manifest
+    assert manifest["eval_loss"] == min(r["eval_loss"] for r in rows)
+    assert manifest["trial_id"] == rows[0]["trial_id"]
+    assert os.path.isdir(manifest["checkpoint"])
+    assert json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))["metrics"]["eval_loss"] == \
+        pytest.approx(manifest["eval_loss"])
+    assert manifest["config"] == {"training.lr": rows[0]["training.lr"], "lora.r": rows[0]["lora.r"]}
+    assert 1 <= len(manifest["top_k"]) <= 3
+
+
+def test_sweep_report_files(sweep):
+    from PIL import Image
+
+    files = sweep["result"].files
+    with open(files["csv"]) as f:
+        lines = f.read().splitlines()
+    header = lines[0].split(",")
+    assert header[:2] == ["rank", "trial_id"] and len(lines) == 7
+    assert {"training.lr", "lora.r", "eval_loss", "status", "checkpoint"} <= set(header)
+    assert len(json.load(open(files["json"]))) == 6
+    for key in ("heatmap", "curves"):
+        with Image.open(files[key]) as img:
+            img.load()
+            assert img.size[0] >= 400 and img.size[1] >= 300
+
+
+EXPORT_CHECK = r"""
+import json, sys, torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+ckpt, exported = sys.argv[1], sys.argv[2]
+ids = load_file(ckpt + "/probe.safetensors")["input_ids"][None]
+merged = AutoModelForCausalLM.from_pretrained(exported).eval()
+base = AutoModelForCausalLM.from_pretrained(json.load(open(ckpt + "/adapter_config.json"))["base_model_name_or_path"])
+adapter = PeftModel.from_pretrained(base, ckpt).eval()
+with torch.no_grad():
+    a, b = merged(input_ids=ids).logits, adapter(input_ids=ids).logits
+print(json.dumps({"diff": (a - b).abs().max().item(), "scale": b.abs().max().item(),
+                  "peft_in_merged": any("lora" in n for n, _ in merged.named_parameters())}))
+"""
+
+
+def test_exported_winner_loads_with_plain_transformers(sweep, tmp_path):
+    from raylm.cli import main
+
+    ckpt = sweep["result"].manifest["checkpoint"]
+    out = tmp_path / "exported"
+    assert main(["export", ckpt, str(out)]) == 0
+    files = set(os.listdir(out))
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    assert main(["export", ckpt, str(out)]) == 2  # never overwrites
+    done = subprocess.run([sys.executable, "-c", EXPORT_CHECK, ckpt, str(out)],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peft_in_merged"] is False
+    assert report["diff"] < 1e-4 * max(1.0, report["scale"]), report
