@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tune_efficiency.json"))
     args = parser.parse_args()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # Dashboard on: Ray Train frees stopped trials' worker resources through the State API.
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="raylm-bench-tune-")
     try:
         grid = run(sweep_job(tmp, "grid", "none", args.steps))

@@ -226,8 +226,9 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         with_ckpt = evals[evals["checkpoint_path"].notna()] if "checkpoint_path" in evals else evals.iloc[0:0]
-        best = (with_ckpt if not with_ckpt.empty else evals)
-        best = best.loc[(best[tu.metric] * sign).idxmin()]
+        pool = with_ckpt if not with_ckpt.empty else evals
+        # By position: a resumed trial's dataframe can repeat index labels.
+        best = pool.iloc[int((pool[tu.metric] * sign).to_numpy().argmin())]
         last = evals.iloc[-1]
         status = "error" if r.error else ("finished" if last["step"] >= last["total_steps"] else "stopped early")
         row.update({tu.metric: float(best[tu.metric]), "best_step": int(best["step"]),
