@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import yaml
+from _common import write_result  # bench/ is on sys.path when run as a script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -113,10 +114,7 @@ def main() -> None:
               "first_step_s": raylm_first["first_step_s"],
               "goals": {"step_time_ratio": 1.03, "first_step_s": 20.0},
               "machine": {"cpus": os.cpu_count()}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ whether ASHA still reached the grid's best metric, and both wall times; writes J
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 
 import yaml
+from _common import write_result  # bench/ is on sys.path when run as a script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LRS = [1e-6, 1e-4, 1e-3, 3e-3, 1e-2]
@@ -70,10 +70,7 @@ def main() -> None:
     result = {"steps": args.steps, "space": {"training.lr": LRS, "lora.r": RANKS}, "grid": grid,
               "asha": asha, "trial_step_ratio": ratio, "asha_reached_grid_best": reached,
               "goal": 0.40, "machine": {"cpus": os.cpu_count()}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -129,12 +129,12 @@ def load_weights(directory: str | Path, model: Any) -> None:
     """Copies a checkpoint's fp32 trainable weights into `model` before DeepSpeed wraps it, so
     every ZeRO stage builds its partitions and master copies from the restored values."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    tensors = load_file(str(Path(directory) / STATE_DIR / "optim.safetensors"))
-    with torch.no_grad():
+    # Only the weights: the Adam moments in the same file are read later, by load_train_state.
+    with safe_open(str(Path(directory) / STATE_DIR / "optim.safetensors"), "pt") as f, torch.no_grad():
         for name, p in trainable_params(model):
-            p.data.copy_(tensors[f"param/{name}"].to(p.dtype))
+            p.data.copy_(f.get_tensor(f"param/{name}").to(p.dtype))
 
 
 def _prime_optimizer_state(engine: Any) -> None:
@@ -162,16 +162,19 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
     (ZeRO-3 partitions are set collectively)."""
     import torch
     from deepspeed.utils import safe_set_full_optimizer_state
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state_dir = Path(directory) / STATE_DIR
     state = json.loads((state_dir / "state.json").read_text())
-    tensors = load_file(str(state_dir / "optim.safetensors"))
     _prime_optimizer_state(engine)
     base = _base_optimizer(engine)
+    # Only the moments: load_weights already restored the weights from this file.
+    with safe_open(str(state_dir / "optim.safetensors"), "pt") as f:
+        moments = {k: f.get_tensor(k) for k in f.keys() if k.split("/", 1)[0] in ADAM_KEYS}
     for name, p in trainable_params(engine.module):
         for key in ADAM_KEYS:
-            value = tensors.get(f"{key}/{name}")
+            value = moments.get(f"{key}/{name}")
             if value is None:
                 continue
             if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
