@@ -21,16 +21,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
+    from raylm.spec import JobSpec
+
 META_FILE = "raylm.json"
 PROBE_FILE = "probe.safetensors"
 STATE_DIR = "train_state"
 FORMAT = "raylm-checkpoint/1"
+MANIFEST = "manifest.json"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # Pickle-based formats: a checkpoint carrying one is refused rather than loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -200,6 +204,34 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
     return state
 
 
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def manifest_path(spec: JobSpec) -> str:
+    """Where a sweep's promoted trial is recorded: `<storage_path>/<name>/best/manifest.json`."""
+    return os.path.join(storage_uri(spec.storage_path), spec.name, "best", MANIFEST)
+
+
+def read_manifest(spec: JobSpec) -> dict[str, Any]:
+    """The promoted trial of a job's sweep; raises FileNotFoundError if none was promoted."""
+    with open(manifest_path(spec)) as f:
+        return json.load(f)
+
+
+def best_run_checkpoint(spec: JobSpec) -> str | None:
+    """The best checkpoint (by `checkpoint.metric`) a `raylm train` run of this job kept, if any."""
+    run_dir = Path(storage_uri(spec.storage_path), spec.name)
+    scored = []
+    for d in sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []:
+        value = json.loads((d / META_FILE).read_text()).get("metrics", {}).get(spec.checkpoint.metric) \
+            if (d / META_FILE).exists() else None
+        if isinstance(value, (int, float)):
+            scored.append((value if spec.checkpoint.mode == "min" else -value, str(d)))
+    return min(scored)[1] if scored else None
+
+
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     """The checkpoint's raylm.json; raises FileNotFoundError if it is not a raylm checkpoint."""
     path = Path(directory) / META_FILE
@@ -215,20 +247,42 @@ def refuse_pickles(directory: str | Path) -> None:
         raise ValueError(f"{directory} holds pickle-format files {bad}; raylm loads safetensors only")
 
 
-def load_for_inference(directory: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Loads (tokenizer, model) from a checkpoint with plain transformers + peft, in eval mode."""
+def inference_metadata(directory: str | Path) -> dict[str, Any]:
+    """raylm.json of a checkpoint or export; `{}` for a plain HF model directory."""
+    if not Path(directory, META_FILE).exists() and Path(directory, "config.json").exists():
+        return {}
+    return read_metadata(directory)
+
+
+def load_for_inference(
+    directory: str | Path, trust_remote_code: bool = False, more_adapters: Sequence[str | Path] = ()
+) -> tuple[Any, Any]:
+    """Loads (tokenizer, model) with plain transformers + peft, in eval mode.
+
+    `directory` is a raylm checkpoint (LoRA or full), an export, or a plain HF model directory.
+    `more_adapters` are further LoRA checkpoints over the same base, loaded as peft adapters
+    `"1"`, `"2"`, … next to `"default"`. Raises ValueError for pickles or mismatched bases.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    refuse_pickles(directory)
-    meta = read_metadata(directory)
+    for d in (directory, *more_adapters):
+        refuse_pickles(d)
+    meta = inference_metadata(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if Path(directory, "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(base, directory)
-    else:
+    if not Path(directory, "adapter_config.json").exists():
+        if more_adapters:
+            raise ValueError(f"{directory} holds full weights; extra LoRA adapters need a LoRA checkpoint")
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        return tokenizer, model.eval()
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, directory)
+    for i, extra in enumerate(more_adapters, start=1):
+        other = inference_metadata(extra).get("base_model")
+        if not Path(extra, "adapter_config.json").exists() or other != meta["base_model"]:
+            raise ValueError(f"{extra} is not a LoRA adapter over {meta['base_model']} (base: {other})")
+        model.load_adapter(str(extra), adapter_name=str(i))
     return tokenizer, model.eval()
 
 

@@ -91,6 +91,24 @@ def _ids(out: Any) -> list[int]:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
+def generation_prompt_ids(
+    tok: PreTrainedTokenizerBase, data_format: str | None, template: str | None,
+    messages: list[Mapping[str, str]],
+) -> list[int]:
+    """Token ids that ask a model for the next assistant turn, in the format it was trained on.
+
+    `instruction` models see the last user message through their prompt template (they were
+    trained single-turn); `chat` models, and any model whose tokenizer has a chat template, get
+    the chat template with its generation prompt; other models get the turns joined by newlines.
+    """
+    if data_format == "instruction" and template:
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return tok(format_prompt(template, {"instruction": last_user}))["input_ids"]
+    if getattr(tok, "chat_template", None):
+        return _ids(tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
+    return tok("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
+
+
 def tokenize_instruction(tok: PreTrainedTokenizerBase, template: str, row: Mapping[str, Any], max_length: int) -> Example:
     """Prompt + output + eos; the loss sees only the output and eos."""
     prompt = tok(format_prompt(template, row))["input_ids"]

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from raylm.checkpoint import storage_uri
 from raylm.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -349,11 +350,6 @@ def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTra
             callbacks=callbacks if callbacks is not None else [_progress_callback()],
         ),
     )
-
-
-def storage_uri(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass

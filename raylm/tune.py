@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from raylm.checkpoint import manifest_path, read_manifest, storage_uri
 from raylm.spec import JobSpec, _merge, _nest
-from raylm.train import build_trainer, storage_uri
+from raylm.train import build_trainer
 
-MANIFEST = "manifest.json"
+__all__ = ["manifest_path", "read_manifest", "run_sweep", "sweep_dir"]
 # A trial only drives its Train run (the workers hold the real resources), but Tune will not
 # schedule a trial that asks for nothing: a token CPU slice.
 TRIAL_DRIVER_CPUS = 0.01
@@ -31,11 +32,6 @@ TRIAL_DRIVER_CPUS = 0.01
 def sweep_dir(spec: JobSpec) -> str:
     """`<storage_path>/<name>/sweep` (absolute)."""
     return os.path.join(storage_uri(spec.storage_path), spec.name, "sweep")
-
-
-def manifest_path(spec: JobSpec) -> str:
-    """Where the promoted trial is recorded: `<storage_path>/<name>/best/manifest.json`."""
-    return os.path.join(storage_uri(spec.storage_path), spec.name, "best", MANIFEST)
 
 
 def build_param_space(spec: JobSpec) -> dict[str, Any]:
@@ -264,12 +260,6 @@ def promote(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
         json.dump(manifest, f, indent=2)
     os.replace(path + ".tmp", path)  # readers never see a half-written manifest
     return manifest
-
-
-def read_manifest(spec: JobSpec) -> dict[str, Any]:
-    """The promoted trial of a job's sweep; raises FileNotFoundError if none was promoted."""
-    with open(manifest_path(spec)) as f:
-        return json.load(f)
 
 
 def run_sweep(spec: JobSpec, resume: bool = False) -> SweepResult:

@@ -1,0 +1,185 @@
+"""`raylm serve`: decide what to serve (a checkpoint, an export, or a job's promoted winner with its
+top-k trial adapters), start the Serve app on the Ray cluster, and stop it.
+
+The replica itself (routes, batching, auth) lives in `raylm.server`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raylm.checkpoint import best_run_checkpoint, inference_metadata, manifest_path
+from raylm.spec import (
+    JobSpecError,
+    ServeSpec,
+    _merge,
+    load_job,
+    parse_overrides,
+    serve_spec_from_dict,
+)
+
+APP_NAME = "raylm"
+ROUTE = "/v1/chat/completions"
+
+
+@dataclass
+class ServePlan:
+    """What one `raylm serve` deploys: (name, checkpoint dir) pairs (first = default model)."""
+
+    models: list[tuple[str, str]]
+    spec: ServeSpec
+    sample: str = "Hello!"
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_lora(path: str) -> bool:
+    return Path(path, "adapter_config.json").exists()
+
+
+def _job_models(target: str, overrides: Sequence[str]) -> tuple[list[tuple[str, str]], ServeSpec, list[str]]:
+    spec = load_job(target, list(overrides))
+    serve_spec = spec.serve or ServeSpec()
+    notes: list[str] = []
+    if os.path.exists(manifest_path(spec)):
+        manifest = json.loads(Path(manifest_path(spec)).read_text())
+        models = [(spec.name, manifest["checkpoint"])]
+        notes.append(f"{spec.name}: promoted trial {manifest['trial_id']} "
+                     f"({manifest['metric']}={manifest[manifest['metric']]:.4g})")
+        if serve_spec.multi_lora and _is_lora(manifest["checkpoint"]):
+            for entry in manifest.get("top_k", []):
+                if _is_lora(entry["checkpoint"]):
+                    models.append((f"{spec.name}-{entry['trial_id']}", entry["checkpoint"]))
+        return models, serve_spec, notes
+    best = best_run_checkpoint(spec)
+    if best is None:
+        raise FileNotFoundError(
+            f"job {spec.name!r} has no promoted sweep winner ({manifest_path(spec)}) and no "
+            f"training checkpoint under {spec.run_dir}: run `raylm tune` or `raylm train` first")
+    notes.append(f"{spec.name}: best training checkpoint by {spec.checkpoint.metric}")
+    return [(spec.name, best)], serve_spec, notes
+
+
+def resolve_target(target: str, overrides: Sequence[str] = (), adapters: Sequence[str] = (),
+                   name: str | None = None) -> ServePlan:
+    """Turns a TARGET (job file, checkpoint dir, export dir) into a ServePlan.
+
+    `overrides` are `serve.key=value` settings; `adapters` are extra `NAME=DIR` LoRA checkpoints.
+    Raises JobSpecError for bad settings, FileNotFoundError when there is nothing to serve.
+    """
+    path = Path(target)
+    if path.is_file():
+        models, serve_spec, notes = _job_models(target, overrides)
+    elif path.is_dir():
+        meta = inference_metadata(path)
+        tree, problems = parse_overrides(list(overrides))
+        problems += [f"override {k}.*: only serve.* settings apply to a checkpoint" for k in tree if k != "serve"]
+        if problems:
+            raise JobSpecError(problems, target)
+        trained = meta.get("spec", {})
+        serve_spec = serve_spec_from_dict(_merge(trained.get("serve") or {}, tree.get("serve", {})), target)
+        models = [(trained.get("name") or path.resolve().name, str(path.resolve()))]
+        notes = []
+    else:
+        raise FileNotFoundError(f"{target}: not a job file or a checkpoint/model directory")
+    if name:
+        models[0] = (name, models[0][1])
+    for item in adapters:
+        adapter_name, sep, adapter_dir = item.partition("=")
+        if not sep or not adapter_name or not Path(adapter_dir).is_dir():
+            raise JobSpecError([f"--adapter {item!r}: expected NAME=DIR with an existing directory"], target)
+        models.append((adapter_name, str(Path(adapter_dir).resolve())))
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise JobSpecError([f"model names must be unique: {names}"], target)
+    meta = inference_metadata(models[0][1])
+    sample = "12+7" if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic" else "Hello!"
+    return ServePlan(models, serve_spec, sample, notes)
+
+
+def api_key_digest(spec: ServeSpec) -> str | None:
+    """Digest of the API key named by `api_key_env` (None when auth is off).
+
+    Raises ValueError when the job asks for a key but the variable is unset or empty, so a
+    server never starts open by accident.
+    """
+    from raylm.server import key_digest
+
+    if spec.api_key_env is None:
+        return None
+    key = os.environ.get(spec.api_key_env, "")
+    if not key:
+        raise ValueError(f"serve.api_key_env is {spec.api_key_env!r} but that environment variable "
+                         f"is unset or empty; export it or remove api_key_env")
+    return key_digest(key)
+
+
+def base_url(spec: ServeSpec) -> str:
+    """The URL clients use (a wildcard bind is reached through 127.0.0.1 locally)."""
+    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
+    return f"http://{host}:{spec.port}"
+
+
+def wait_http(url: str, timeout_s: float) -> None:
+    """Polls `url` until it answers 200; raises TimeoutError naming the URL otherwise."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s ({last}); if Serve was already "
+                       f"running on another port, run `raylm shutdown` first")
+
+
+def start(plan: ServePlan, wait_s: float = 60.0) -> str:
+    """Deploys the plan as Serve app `raylm` (replacing a previous one); returns its base URL.
+
+    Needs Ray initialised. Raises ValueError for a missing API key, TimeoutError if the HTTP
+    endpoint does not come up.
+    """
+    from ray import serve
+
+    from raylm.server import build_app
+
+    s = plan.spec
+    digest = api_key_digest(s)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(plan.models, s, digest), name=APP_NAME, route_prefix="/", blocking=False)
+    url = base_url(s)
+    wait_http(url + "/health", wait_s)
+    return url
+
+
+def curl_line(plan: ServePlan, url: str) -> str:
+    """A ready-to-paste request against the served default model."""
+    body = json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
+                       "max_tokens": 16, "temperature": 0})
+    auth = f' -H "Authorization: Bearer ${plan.spec.api_key_env}"' if plan.spec.api_key_env else ""
+    return f"curl {url}{ROUTE} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+
+
+def shutdown() -> bool:
+    """Deletes the `raylm` Serve app (and Serve, if nothing else runs); returns whether it existed."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve not running on this cluster
+        return False
+    if APP_NAME not in apps:
+        return False
+    serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()
+    return True

@@ -1,0 +1,231 @@
+"""The Serve replica: a FastAPI ingress with OpenAI-compatible routes over an inference Engine.
+
+Non-streaming requests are batched with `serve.batch`; streams run one at a time through the same
+engine. Every client mistake is a 4xx OpenAI-style JSON error raised before any model work, so a
+bad request can never fail a batch or take a replica down.
+"""
+# No `from __future__ import annotations` here: FastAPI reads route annotations at runtime and
+# Serve's ingress wrapper hides the module globals it would need to resolve strings.
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from raylm.api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chunk,
+    completion_body,
+    new_id,
+    parse_body,
+    sse,
+)
+from raylm.inference import Completion, Engine, Sampling
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    # Unknown routes (404) and wrong methods (405) answer in the same shape as everything else.
+    return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(APIError(400, str(exc.errors()[:1])).body(), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed")
+    return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits and batching settings a replica enforces (from the `serve` section)."""
+
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
+    max_body_bytes: int = 1_000_000
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.0
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 of an API key: replicas hold and compare digests, never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@serve.deployment(name="LLM", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(app)
+class LLMServer:
+    """One replica: the model(s), the routes, the request batcher."""
+
+    def __init__(self, models: list[tuple[str, str]], limits: dict[str, Any], api_key_digest: str | None):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.engine = Engine(models)
+        self.limits = Limits(**limits)
+        self._key = api_key_digest
+        self._created = int(time.time())
+        self._fatal: str | None = None
+        self.generate_batch.set_max_batch_size(self.limits.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+        self.m_tokens = Counter("raylm_generated_tokens", description="Tokens generated.",
+                                tag_keys=("model",))
+        self.m_prompt = Counter("raylm_prompt_tokens", description="Prompt tokens read.",
+                                tag_keys=("model",))
+        self.m_batch = Histogram("raylm_batch_size", description="Requests per generate call.",
+                                 boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.m_rejected = Counter("raylm_rejected_requests", description="Requests answered 4xx.",
+                                  tag_keys=("status",))
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose engine failed is replaced."""
+        if self._fatal:
+            raise RuntimeError(self._fatal)
+
+    # -- batching ---------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def generate_batch(self, items: list[tuple[str, list[int], Sampling]]) -> list[Completion]:
+        self.m_batch.observe(len(items))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, items)
+        except MemoryError as exc:  # the process is in trouble: let Serve replace it
+            self._fatal = f"generation failed: {exc!r}"
+            raise
+
+    # -- request plumbing -------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = key_digest(token.strip())
+        # Both sides are fixed-length digests, compared in constant time.
+        if not (hmac.compare_digest(given, self._key) and scheme.lower() == "bearer"):
+            raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
+                           code="invalid_api_key", type_="authentication_error")
+
+    async def _parse(self, request: Request, model: type) -> Any:
+        self._auth(request)
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        return parse_body(bytes(body), request.headers.get("content-type"), model)
+
+    def _model(self, name: str | None) -> str:
+        if name is None:
+            return self.engine.names[0]
+        if name not in self.engine.names:
+            raise APIError(404, f"model {name!r} is not served here; see GET /v1/models "
+                           f"({', '.join(self.engine.names)})", param="model", code="model_not_found")
+        return name
+
+    def _sampling(self, req: Any, prompt_len: int) -> Sampling:
+        lim = self.limits
+        if prompt_len > lim.max_prompt_tokens:
+            raise APIError(400, f"prompt is {prompt_len} tokens; the limit is {lim.max_prompt_tokens}",
+                           param="prompt", code="context_length_exceeded")
+        if req.max_tokens > lim.max_new_tokens:
+            raise APIError(400, f"max_tokens {req.max_tokens} is over the limit {lim.max_new_tokens}",
+                           param="max_tokens", code="invalid_value")
+        if prompt_len + req.max_tokens > self.engine.context_tokens:
+            raise APIError(400, f"prompt ({prompt_len}) + max_tokens ({req.max_tokens}) exceeds the "
+                           f"model's context of {self.engine.context_tokens} tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        return Sampling(req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed)
+
+    async def _answer(self, kind: str, req: Any, model: str, ids: list[int]) -> Any:
+        sampling = self._sampling(req, len(ids))
+        self.m_prompt.inc(len(ids), tags={"model": model})
+        if req.stream:
+            return StreamingResponse(self._events(kind, model, ids, sampling),
+                                     media_type="text/event-stream")
+        out = await self.generate_batch((model, ids, sampling))
+        self.m_tokens.inc(out.completion_tokens, tags={"model": model})
+        body = chat_body if kind == "chat" else completion_body
+        return body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+
+    async def _events(self, kind: str, model: str, ids: list[int], sampling: Sampling) -> Any:
+        id_, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
+        if kind == "chat":
+            yield sse(chunk(kind, id_, created, model, {"role": "assistant", "content": ""}, None))
+        finish: dict[str, Any] = {}
+        try:
+            async for piece in self.engine.stream(model, ids, sampling, finish):
+                yield sse(chunk(kind, id_, created, model,
+                                {"content": piece} if kind == "chat" else piece, None))
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            logger.exception("stream failed")
+            yield sse(APIError(500, f"generation failed: {exc}").body())
+            return
+        self.m_tokens.inc(finish.get("completion_tokens", 0), tags={"model": model})
+        yield sse(chunk(kind, id_, created, model, {} if kind == "chat" else "",
+                        finish.get("reason", "stop")))
+        yield sse("[DONE]")
+
+    # -- routes -----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": self.engine.names}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": self._created, "owned_by": "raylm"}
+            for n in self.engine.names]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        req = await self._parse(request, CompletionRequest)
+        model = self._model(req.model)
+        return await self._answer("text", req, model, self.engine.encode_prompt(req.prompt))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        req = await self._parse(request, ChatRequest)
+        model = self._model(req.model)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        return await self._answer("chat", req, model, self.engine.encode_chat(model, messages))
+
+
+def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: str | None) -> Any:
+    """A bound Serve application for `models` with the `serve:` section's replica settings."""
+    s = serve_spec
+    limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_body_bytes, s.max_batch_size,
+                    s.batch_wait_timeout_s)
+    options: dict[str, Any] = {
+        "autoscaling_config": s.autoscaling.to_serve(),
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
+    if s.max_queued_requests is not None:
+        options["max_queued_requests"] = s.max_queued_requests
+    return LLMServer.options(**options).bind(models, asdict(limits), api_key_digest)
