@@ -7,6 +7,7 @@ Heavy libraries are imported only inside commands, so `validate` answers in well
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -108,6 +109,70 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raylm.serve import curl_line, resolve_target
+
+    try:
+        plan = resolve_target(args.target, args.overrides, args.adapter, args.name)
+    except (FileNotFoundError, ValueError) as exc:  # JobSpecError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from raylm.cluster import ensure_ray
+    from raylm.serve import api_key_digest, shutdown, start
+
+    try:
+        api_key_digest(plan.spec)  # refuse before starting anything
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ensure_ray(args.address, persistent=args.detach)
+    try:
+        url = start(plan)
+    except Exception as exc:
+        print(f"\nerror: serving {args.target} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n=== raylm serve: up ===")
+    for note in plan.notes:
+        print(f"serving          {note}")
+    print(f"models:          {', '.join(n for n, _ in plan.models)}")
+    print(f"url:             {url}/v1  (OpenAI-compatible; health: {url}/health)")
+    print(f"try:             {curl_line(plan, url)}")
+    if args.detach:
+        print("detached:        it keeps running on the Ray cluster; stop it with `raylm shutdown`")
+        return EXIT_OK
+    print("Ctrl-C stops it.")
+    import signal
+    import time
+
+    def _interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the server as cleanly as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+        print("stopped.")
+    return EXIT_OK
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    import ray
+
+    from raylm.serve import shutdown
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        print(f"error: no Ray cluster at {address}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    stopped = shutdown()
+    print("stopped the raylm Serve app" if stopped else "no raylm Serve app was running")
+    return EXIT_OK
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
     import time
 
@@ -145,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a raylm checkpoint directory")
     p.add_argument("out_dir", help="new directory for the merged model")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", help="serve a checkpoint, an export, or a job's winner over an "
+                       "OpenAI-compatible HTTP API on Ray Serve")
+    p.add_argument("target", help="job file (its promoted sweep winner or best training checkpoint), "
+                   "checkpoint dir, or exported model dir")
+    p.add_argument("overrides", nargs="*", help="serve.key=value overrides, e.g. serve.port=8001")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="also serve this LoRA checkpoint (same base) as model NAME; repeatable")
+    p.add_argument("--name", default=None, help="model name of TARGET (default: its job name)")
+    p.add_argument("--detach", action="store_true",
+                   help="leave it running on the Ray cluster (starts a local Ray head if none)")
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: local Ray)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("shutdown", help="stop the raylm Serve app on a Ray cluster")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local one)")
+    p.set_defaults(func=cmd_shutdown)
     sub.add_parser("reference", help="print the job-file reference (Markdown)").set_defaults(
         func=lambda _args: print(reference_markdown(), end="") or EXIT_OK)
     sub.add_parser("warmup", help="prebuild DeepSpeed's JIT ops and the builtin model on this machine"

@@ -97,6 +97,14 @@ def write_sweep_report(out_dir: str, rows: list[dict[str, Any]], metric: str, pa
     return files
 
 
+def _axis(values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """Numbers plot as themselves; anything else (files, names) as evenly spaced categories."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    labels = sorted({os.path.basename(str(v)) or str(v) for v in values})
+    return [float(labels.index(os.path.basename(str(v)) or str(v))) for v in values], labels
+
+
 def plot_sweep_heatmap(rows: list[dict[str, Any]], metric: str, params: list[str], path: str) -> None:
     """The metric over the first two searched fields (a log axis for learning rates)."""
     import matplotlib
@@ -108,17 +116,21 @@ def plot_sweep_heatmap(rows: list[dict[str, Any]], metric: str, params: list[str
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     x_name = params[0]
     y_name = params[1] if len(params) > 1 else None
-    xs = [float(r[x_name]) for r in scored]
-    ys = [float(r[y_name]) for r in scored] if y_name else [0.0] * len(scored)
+    xs, x_labels = _axis([r[x_name] for r in scored])
+    ys, y_labels = _axis([r[y_name] for r in scored]) if y_name else ([0.0] * len(scored), None)
     values = [r[metric] for r in scored]
     points = ax.scatter(xs, ys, c=values, s=600, marker="s", cmap="viridis_r")
     for x, y, v in zip(xs, ys, values, strict=True):
         ax.annotate(f"{v:.3g}", (x, y), ha="center", va="center", fontsize=8, color="white")
-    if "lr" in x_name and xs and min(xs) > 0:
+    if "lr" in x_name and x_labels is None and xs and min(xs) > 0:
         ax.set_xscale("log")
+    if x_labels:
+        ax.set_xticks(range(len(x_labels)), x_labels, rotation=15, fontsize=7)
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name or "")
-    if y_name:
+    if y_labels:
+        ax.set_yticks(range(len(y_labels)), y_labels, fontsize=7)
+    elif y_name:
         ax.set_yticks(sorted(set(ys)))
     fig.colorbar(points, ax=ax, label=metric)
     ax.set_title(f"sweep: {metric} by trial")

@@ -1,0 +1,223 @@
+"""A real Serve app over real HTTP on 127.0.0.1: a 2-trial sweep trains two LoRA adapters with
+different answers, `raylm serve JOB` serves the winner and both trials side by side, and the
+official `openai` client, raw bad requests and an API key exercise the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from raylm.spec import load_job
+
+from .conftest import tiny_job
+
+pytestmark = pytest.mark.ray
+
+KEY_ENV = "RAYLM_TEST_API_KEY"
+KEY = "test-key-0123456789"
+ANSWERS = {"a": "42", "b": "7"}  # each adapter learns to answer everything with its constant
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """Sweep over two datasets → promoted winner + top-2 adapters served with an API key."""
+    from raylm.serve import resolve_target, shutdown, start
+    from raylm.tune import run_sweep
+
+    tmp = tmp_path_factory.mktemp("serve")
+    files = {}
+    for tag, answer in ANSWERS.items():
+        files[tag] = tmp / f"{tag}.jsonl"
+        files[tag].write_text("".join(
+            json.dumps({"instruction": f"{i}+{j}", "input": "", "output": answer}) + "\n"
+            for i in range(20) for j in range(10)))
+    job = tiny_job(
+        tmp, name="srv",
+        data={"train": str(files["a"]), "num_examples": None},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.9},
+        training={"max_steps": 30, "eval_every": 30, "lr": 1e-2, "eval_exact_match": True},
+        tune={"num_samples": 1, "scheduler": "none", "top_k": 2,
+              "search": {"data.train": {"grid": [str(files["a"]), str(files["b"])]}}},
+        serve={"api_key_env": KEY_ENV, "port": free_port(), "max_batch_size": 4,
+               "max_ongoing_requests": 8, "max_prompt_tokens": 64, "max_new_tokens": 32,
+               "max_body_bytes": 4096, "num_cpus": 0.5})
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spec = load_job(path)
+    sweep = run_sweep(spec)
+    os.environ[KEY_ENV] = KEY
+    plan = resolve_target(str(path))
+    url = start(plan)
+    trial_of = {}  # "a"/"b" → served model name of the trial trained on that file
+    for entry in sweep.manifest["top_k"]:
+        tag = "a" if entry["config"]["data.train"] == str(files["a"]) else "b"
+        trial_of[tag] = f"srv-{entry['trial_id']}"
+    yield {"url": url, "plan": plan, "manifest": sweep.manifest, "trial_of": trial_of}
+    shutdown()
+    os.environ.pop(KEY_ENV, None)
+
+
+def client(served, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"] + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def post(url: str, body: bytes | str, headers: dict[str, str] | None = None, method: str = "POST"):
+    """Raw HTTP: (status, parsed JSON body)."""
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data if method == "POST" else None, method=method,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {KEY}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_models_lists_the_winner_and_each_top_k_trial(served):
+    ids = [m.id for m in client(served).models.list().data]
+    assert ids[0] == "srv" and set(served["trial_of"].values()) <= set(ids) and len(ids) == 3
+
+
+def test_openai_client_completion_chat_and_stream_match_in_process_generate(served):
+    import torch
+
+    from raylm.checkpoint import load_for_inference
+    from raylm.data import generation_prompt_ids
+
+    c = client(served)
+    tok, model = load_for_inference(served["manifest"]["checkpoint"])
+    meta = json.load(open(os.path.join(served["manifest"]["checkpoint"], "raylm.json")))
+
+    def local(ids: list[int]) -> str:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    messages = [{"role": "user", "content": "13+4"}]
+    chat = c.chat.completions.create(model="srv", messages=messages, max_tokens=8, temperature=0)
+    expected = local(generation_prompt_ids(tok, meta["data_format"], meta["template"], messages))
+    assert chat.choices[0].message.content == expected
+    assert chat.choices[0].message.content in ANSWERS.values()
+    assert chat.usage.completion_tokens >= 1 and chat.choices[0].finish_reason == "stop"
+
+    comp = c.completions.create(model="srv", prompt="19+2=", max_tokens=8, temperature=0)
+    assert comp.choices[0].text == local(tok("19+2=")["input_ids"])
+
+    stream = c.chat.completions.create(model="srv", messages=messages, max_tokens=8,
+                                       temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_raw_stream_is_sse_chunks_ending_in_done(served):
+    req = urllib.request.Request(
+        served["url"] + "/v1/chat/completions",
+        data=json.dumps({"messages": [{"role": "user", "content": "3+3"}], "stream": True,
+                         "max_tokens": 4, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.read().decode().split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_two_adapters_answer_differently_by_model(served):
+    c = client(served)
+    got = {}
+    for tag, name in served["trial_of"].items():
+        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "11+5"}],
+                                      max_tokens=6, temperature=0)
+        got[tag] = r.choices[0].message.content
+    assert got == ANSWERS  # each trial says what it was trained to say
+
+
+def test_concurrent_mixed_adapter_requests_batch_without_mixing_answers(served):
+    c = client(served)
+    names = [served["trial_of"]["a"], served["trial_of"]["b"]] * 6
+
+    def ask(name: str) -> tuple[str, str]:
+        r = c.completions.create(model=name, prompt="8+1=", max_tokens=6, temperature=0)
+        return name, r.choices[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(ask, names))
+    want = {served["trial_of"][t]: a for t, a in ANSWERS.items()}
+    assert all(text == want[name] for name, text in results), results
+
+
+def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str], int]]:
+    comp, chat = url + "/v1/completions", url + "/v1/chat/completions"
+    big = json.dumps({"prompt": "9" * 5000})
+    return [
+        ("malformed json", comp, '{"prompt": ', {}, 400),
+        ("json array", comp, '["x"]', {}, 400),
+        ("wrong content type", comp, '{"prompt": "x"}', {"Content-Type": "text/plain"}, 415),
+        ("invalid utf-8", comp, b'{"prompt": "\xff\xfe"}', {}, 400),
+        ("NaN temperature", comp, '{"prompt": "x", "temperature": NaN}', {}, 400),
+        ("huge max_tokens", comp, '{"prompt": "x", "max_tokens": 100000000000}', {}, 400),
+        ("max_tokens over limit", comp, '{"prompt": "x", "max_tokens": 33}', {}, 400),
+        ("string max_tokens", comp, '{"prompt": "x", "max_tokens": "4"}', {}, 400),
+        ("negative temperature", comp, '{"prompt": "x", "temperature": -1}', {}, 400),
+        ("top_p zero", comp, '{"prompt": "x", "top_p": 0}', {}, 400),
+        ("empty prompt", comp, '{"prompt": ""}', {}, 400),
+        ("missing prompt", comp, '{"max_tokens": 3}', {}, 400),
+        ("prompt over token limit", comp, json.dumps({"prompt": "1" * 200}), {}, 400),
+        ("control characters", comp, '{"prompt": "a\\u0007b"}', {}, 400),
+        ("unknown field", comp, '{"prompt": "x", "best_of": 2}', {}, 400),
+        ("bad stream flag", chat, '{"messages": [{"role": "user", "content": "x"}], "stream": 1}', {}, 400),
+        ("unknown model", comp, '{"prompt": "x", "model": "gpt-9"}', {}, 404),
+        ("no messages", chat, '{"messages": []}', {}, 400),
+        ("bad role", chat, '{"messages": [{"role": "wizard", "content": "x"}]}', {}, 400),
+        ("no user turn", chat, '{"messages": [{"role": "system", "content": "x"}]}', {}, 400),
+        ("too many stops", comp, '{"prompt": "x", "stop": ["1","2","3","4","5"]}', {}, 400),
+        ("n = 2", comp, '{"prompt": "x", "n": 2}', {}, 400),
+        ("oversize body", comp, big, {}, 413),
+        ("missing API key", comp, '{"prompt": "x"}', {"Authorization": ""}, 401),
+        ("wrong API key", comp, '{"prompt": "x"}', {"Authorization": "Bearer nope"}, 401),
+        ("wrong auth scheme", comp, '{"prompt": "x"}', {"Authorization": f"Basic {KEY}"}, 401),
+        ("unknown route", url + "/v1/embeddings", '{"input": "x"}', {}, 404),
+    ]
+
+
+def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
+    cases = _bad_requests(served["url"])
+    assert len(cases) >= 20
+    for name, url, body, headers, status in cases:
+        got, payload = post(url, body, headers)
+        assert got == status, (name, got, payload)
+        err = payload["error"]
+        assert isinstance(err["message"], str) and err["message"] and "type" in err, name
+    got, payload = post(served["url"] + "/v1/models", "", {"Authorization": ""}, method="GET")
+    assert got == 401 and payload["error"]["code"] == "invalid_api_key"
+    # still serving after every one of those
+    r = client(served).completions.create(model="srv", prompt="2+2=", max_tokens=4, temperature=0)
+    assert r.choices[0].text in ANSWERS.values()
+    with urllib.request.urlopen(served["url"] + "/health", timeout=10) as resp:  # no key needed
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_wrong_key_through_the_openai_client_is_an_authentication_error(served):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        client(served, key="wrong").completions.create(model="srv", prompt="1", max_tokens=2)
