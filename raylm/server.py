@@ -71,6 +71,11 @@ class Limits:
     batch_wait_timeout_s: float = 0.0
 
 
+def _count(counter: Any, n: int, model: str) -> None:
+    if n > 0:  # Ray's Counter refuses 0 — an empty answer must not turn into a 500
+        counter.inc(n, tags={"model": model})
+
+
 def key_digest(key: str) -> str:
     """SHA-256 of an API key: replicas hold and compare digests, never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -83,6 +88,9 @@ class LLMServer:
 
     def __init__(self, models: list[tuple[str, str]], limits: dict[str, Any], api_key_digest: str | None):
         from ray.serve.metrics import Counter, Histogram
+
+        # Serve already exports request counts, status codes and latencies; these add tokens
+        # and batch sizes (Prometheus names get a `ray_` prefix).
 
         self.engine = Engine(models)
         self.limits = Limits(**limits)
@@ -97,8 +105,6 @@ class LLMServer:
                                 tag_keys=("model",))
         self.m_batch = Histogram("raylm_batch_size", description="Requests per generate call.",
                                  boundaries=[1, 2, 4, 8, 16, 32, 64])
-        self.m_rejected = Counter("raylm_rejected_requests", description="Requests answered 4xx.",
-                                  tag_keys=("status",))
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose engine failed is replaced."""
@@ -163,12 +169,12 @@ class LLMServer:
 
     async def _answer(self, kind: str, req: Any, model: str, ids: list[int]) -> Any:
         sampling = self._sampling(req, len(ids))
-        self.m_prompt.inc(len(ids), tags={"model": model})
+        _count(self.m_prompt, len(ids), model)
         if req.stream:
             return StreamingResponse(self._events(kind, model, ids, sampling),
                                      media_type="text/event-stream")
         out = await self.generate_batch((model, ids, sampling))
-        self.m_tokens.inc(out.completion_tokens, tags={"model": model})
+        _count(self.m_tokens, out.completion_tokens, model)
         body = chat_body if kind == "chat" else completion_body
         return body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
 
@@ -185,7 +191,7 @@ class LLMServer:
             logger.exception("stream failed")
             yield sse(APIError(500, f"generation failed: {exc}").body())
             return
-        self.m_tokens.inc(finish.get("completion_tokens", 0), tags={"model": model})
+        _count(self.m_tokens, finish.get("completion_tokens", 0), model)
         yield sse(chunk(kind, id_, created, model, {} if kind == "chat" else "",
                         finish.get("reason", "stop")))
         yield sse("[DONE]")

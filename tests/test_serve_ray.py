@@ -221,3 +221,22 @@ def test_wrong_key_through_the_openai_client_is_an_authentication_error(served):
 
     with pytest.raises(openai.AuthenticationError):
         client(served, key="wrong").completions.create(model="srv", prompt="1", max_tokens=2)
+
+
+def test_token_and_batch_metrics_reach_rays_prometheus_endpoint(served):
+    import time
+
+    import ray
+
+    c = client(served)
+    c.completions.create(model="srv", prompt="5+5=", max_tokens=4, temperature=0)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text, tokens = time.monotonic() + 60, "", []
+    while time.monotonic() < deadline and not tokens:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        tokens = [line for line in text.splitlines()
+                  if line.startswith("ray_raylm_generated_tokens") and 'model="srv"' in line]
+        time.sleep(0 if tokens else 1)
+    assert tokens and float(tokens[0].rsplit(" ", 1)[1]) >= 1, text[-3000:]
+    assert "ray_raylm_batch_size_bucket" in text
