@@ -68,7 +68,7 @@ class Limits:
     max_new_tokens: int = 256
     max_body_bytes: int = 1_000_000
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.0
+    batch_wait_timeout_s: float = 0.01
 
 
 def _count(counter: Any, n: int, model: str) -> None:
@@ -98,7 +98,7 @@ class LLMServer:
         self._created = int(time.time())
         self._fatal: str | None = None
         self.generate_batch.set_max_batch_size(self.limits.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+        self._in_flight = 0
         self.m_tokens = Counter("raylm_generated_tokens", description="Tokens generated.",
                                 tag_keys=("model",))
         self.m_prompt = Counter("raylm_prompt_tokens", description="Prompt tokens read.",
@@ -173,7 +173,15 @@ class LLMServer:
         if req.stream:
             return StreamingResponse(self._events(kind, model, ids, sampling),
                                      media_type="text/event-stream")
-        out = await self.generate_batch((model, ids, sampling))
+        # Serve forms the next batch while the current one runs, so a batch only grows during
+        # its wait. Wait only when other requests are in flight: a lone request starts at once.
+        self._in_flight += 1
+        self.generate_batch.set_batch_wait_timeout_s(
+            self.limits.batch_wait_timeout_s if self._in_flight > 1 else 0.0)
+        try:
+            out = await self.generate_batch((model, ids, sampling))
+        finally:
+            self._in_flight -= 1
         _count(self.m_tokens, out.completion_tokens, model)
         body = chat_body if kind == "chat" else completion_body
         return body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)

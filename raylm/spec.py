@@ -297,8 +297,8 @@ class ServeSpec(Section):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per replica.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched per `generate` call.")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0.0, le=10.0, description="Wait this long for a batch to fill. 0 still batches "
-        "under load: requests that arrive while a batch runs form the next one.")
+        0.01, ge=0.0, le=10.0, description="While other requests are in flight, wait up to this "
+        "long for a batch to fill; a request reaching an idle replica starts at once.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts are refused (400).")
     max_new_tokens: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
