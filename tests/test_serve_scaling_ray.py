@@ -133,3 +133,35 @@ def test_cli_serve_refuses_bad_settings_and_a_missing_key_before_starting_anythi
         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert nokey.returncode == 2 and "RAYLM_UNSET_KEY_VAR" in nokey.stderr
     assert "Started a local Ray" not in nokey.stderr
+
+
+def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylm.models import materialize_tiny_llama
+    from raylm.serve import resolve_target, shutdown, start
+
+    port = free_port()
+    url = start(resolve_target(str(materialize_tiny_llama()), [
+        f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_batch_size=1",
+        "serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_new_tokens=400"]))
+    # "abc" makes the tiny model count on without stopping: each request holds the replica.
+    body = json.dumps({"prompt": "abc", "max_tokens": 400, "temperature": 0}).encode()
+
+    def send(_: int) -> int:
+        req = urllib.request.Request(url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(send, range(12)))
+        assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        assert set(codes) <= {200, 503}, codes
+        assert send(0) == 200  # the queue drained; the replica is still there
+    finally:
+        shutdown()

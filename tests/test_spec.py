@@ -179,3 +179,28 @@ def test_trial_spec_applies_sampled_values():
     spec = trial_spec(job, {"training.lr": 0.01, "lora.r": 16}, "abc_00001", "/tmp/trials")
     assert spec.training.lr == 0.01 and spec.lora.r == 16
     assert spec.name == "trial-abc_00001" and spec.storage_path == "/tmp/trials" and spec.tune is None
+
+
+def test_serve_section_problems_are_named_with_their_values():
+    with pytest.raises(JobSpecError) as info:
+        spec_from_dict({"serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2},
+                                  "max_batch_size": 32, "max_ongoing_requests": 16,
+                                  "promote_if": {"accuracy": {"min": 0.5}}}})
+    text = str(info.value)
+    assert "serve.autoscaling.min_replicas=3: must be <= max_replicas (2)" in text
+    with pytest.raises(JobSpecError) as info:
+        spec_from_dict({"serve": {"max_batch_size": 32, "max_ongoing_requests": 16,
+                                  "promote_if": {"accuracy": {"min": 0.5}, "eval_loss": {"below": 1}}}})
+    text = str(info.value)
+    assert "serve.max_ongoing_requests=16: must be >= max_batch_size (32)" in text
+    assert "serve.promote_if.accuracy" in text and "unknown metric" in text
+    assert "serve.promote_if.eval_loss" in text and "{min: x} and/or {max: y}" in text
+
+
+def test_serve_autoscaling_passes_only_what_the_job_sets():
+    spec = spec_from_dict({"serve": {"autoscaling": {"min_replicas": 1, "max_replicas": 4,
+                                                     "upscale_delay_s": 2}}})
+    assert spec.serve.autoscaling.to_serve() == {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 2.0}
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**spec.serve.autoscaling.to_serve())  # Serve's own model accepts it
