@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # C0 controls other than tab/newline/carriage return, and DEL: never meaningful in a prompt.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -43,7 +43,8 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(None, min_length=1, max_length=256)
-    max_tokens: int = Field(16, ge=1, le=1 << 20)
+    # None: 16 for completions (OpenAI's default), the server's limit for chat.
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
@@ -92,6 +93,16 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1, max_length=256)
+    # Newer OpenAI clients send this name for chat; it means the same as max_tokens.
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ChatRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None:
+                raise ValueError("give max_tokens or max_completion_tokens, not both")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
     @field_validator("messages")
     @classmethod

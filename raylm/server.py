@@ -136,7 +136,9 @@ class LLMServer:
         self._auth(request)
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not declared.isdigit():
+            raise APIError(400, f"bad Content-Length header {declared[:32]!r}", code="invalid_request")
+        if declared is not None and int(declared) > limit:
             raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
         body = bytearray()
         async for part in request.stream():
@@ -158,14 +160,19 @@ class LLMServer:
         if prompt_len > lim.max_prompt_tokens:
             raise APIError(400, f"prompt is {prompt_len} tokens; the limit is {lim.max_prompt_tokens}",
                            param="prompt", code="context_length_exceeded")
-        if req.max_tokens > lim.max_new_tokens:
-            raise APIError(400, f"max_tokens {req.max_tokens} is over the limit {lim.max_new_tokens}",
+        room = self.engine.context_tokens - prompt_len
+        max_tokens = req.max_tokens
+        if max_tokens is None:  # OpenAI: 16 for completions, as much as fits for chat
+            default = 16 if isinstance(req, CompletionRequest) else lim.max_new_tokens
+            max_tokens = max(1, min(default, lim.max_new_tokens, room))
+        if max_tokens > lim.max_new_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} is over the limit {lim.max_new_tokens}",
                            param="max_tokens", code="invalid_value")
-        if prompt_len + req.max_tokens > self.engine.context_tokens:
-            raise APIError(400, f"prompt ({prompt_len}) + max_tokens ({req.max_tokens}) exceeds the "
+        if max_tokens > room:
+            raise APIError(400, f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the "
                            f"model's context of {self.engine.context_tokens} tokens",
                            param="max_tokens", code="context_length_exceeded")
-        return Sampling(req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed)
+        return Sampling(max_tokens, req.temperature, req.top_p, req.stops(), req.seed)
 
     async def _answer(self, kind: str, req: Any, model: str, ids: list[int]) -> Any:
         sampling = self._sampling(req, len(ids))

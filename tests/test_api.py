@@ -63,7 +63,18 @@ def test_bad_chat_messages_are_refused(messages):
 def test_good_request_parses_with_openai_defaults():
     req = parse_body(b'{"model": "m", "prompt": "1+1=", "stop": "\\n", "seed": 3}',
                      "application/json; charset=utf-8", CompletionRequest)
-    assert (req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed) == (16, 1.0, 1.0, ("\n",), 3)
+    # max_tokens None: the server picks OpenAI's default (16 for completions, room left for chat).
+    assert (req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed) == (None, 1.0, 1.0, ("\n",), 3)
+
+
+def test_chat_accepts_max_completion_tokens_but_not_both_limits():
+    msgs = [{"role": "user", "content": "hi"}]
+    req = parse_body(json.dumps({"messages": msgs, "max_completion_tokens": 5}).encode(), JSON, ChatRequest)
+    assert req.max_tokens == 5
+    with pytest.raises(APIError) as info:
+        parse_body(json.dumps({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}).encode(),
+                   JSON, ChatRequest)
+    assert info.value.status == 400 and "not both" in info.value.message
 
 
 def test_stop_cut_and_chunk_shape():

@@ -191,6 +191,8 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("no user turn", chat, '{"messages": [{"role": "system", "content": "x"}]}', {}, 400),
         ("too many stops", comp, '{"prompt": "x", "stop": ["1","2","3","4","5"]}', {}, 400),
         ("n = 2", comp, '{"prompt": "x", "n": 2}', {}, 400),
+        ("two token limits", chat, '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, '
+         '"max_completion_tokens": 2}', {}, 400),
         ("oversize body", comp, big, {}, 413),
         ("missing API key", comp, '{"prompt": "x"}', {"Authorization": ""}, 401),
         ("wrong API key", comp, '{"prompt": "x"}', {"Authorization": "Bearer nope"}, 401),
@@ -214,6 +216,19 @@ def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
     assert r.choices[0].text in ANSWERS.values()
     with urllib.request.urlopen(served["url"] + "/health", timeout=10) as resp:  # no key needed
         assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_default_max_tokens_is_16_for_completions_and_the_server_limit_for_chat(served):
+    c = client(served)
+    comp = c.completions.create(model="srv", prompt="3+3=", temperature=0)
+    chat = c.chat.completions.create(model="srv", messages=[{"role": "user", "content": "3+3="}],
+                                     temperature=0)
+    assert 1 <= comp.usage.completion_tokens <= 16
+    assert 1 <= chat.usage.completion_tokens <= 32  # the served job's serve.max_new_tokens
+    assert chat.choices[0].message.content.startswith(comp.choices[0].text[:2])
+    limited = c.chat.completions.create(model="srv", messages=[{"role": "user", "content": "3+3="}],
+                                        temperature=0, max_completion_tokens=1)
+    assert limited.usage.completion_tokens == 1 and limited.choices[0].finish_reason == "length"
 
 
 def test_wrong_key_through_the_openai_client_is_an_authentication_error(served):
