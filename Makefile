@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/raylm train jobs/quickstart.yaml
+	$(BIN)/raylm run jobs/quickstart.yaml --serve-for 0
 
 test: install
 	$(BIN)/pytest

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raylm.storage import child_dirs, join, read_json, storage_uri
+
 if TYPE_CHECKING:
     import torch
 
@@ -204,31 +206,26 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
     return state
 
 
-def storage_uri(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def manifest_path(spec: JobSpec) -> str:
     """Where a sweep's promoted trial is recorded: `<storage_path>/<name>/best/manifest.json`."""
-    return os.path.join(storage_uri(spec.storage_path), spec.name, "best", MANIFEST)
+    return join(storage_uri(spec.storage_path), spec.name, "best", MANIFEST)
 
 
 def read_manifest(spec: JobSpec) -> dict[str, Any]:
     """The promoted trial of a job's sweep; raises FileNotFoundError if none was promoted."""
-    with open(manifest_path(spec)) as f:
-        return json.load(f)
+    return read_json(manifest_path(spec))
 
 
 def best_run_checkpoint(spec: JobSpec) -> str | None:
     """The best checkpoint (by `checkpoint.metric`) a `raylm train` run of this job kept, if any."""
-    run_dir = Path(storage_uri(spec.storage_path), spec.name)
     scored = []
-    for d in sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []:
-        value = json.loads((d / META_FILE).read_text()).get("metrics", {}).get(spec.checkpoint.metric) \
-            if (d / META_FILE).exists() else None
+    for d in child_dirs(join(storage_uri(spec.storage_path), spec.name), "checkpoint_"):
+        try:
+            value = read_json(join(d, META_FILE)).get("metrics", {}).get(spec.checkpoint.metric)
+        except FileNotFoundError:
+            continue
         if isinstance(value, (int, float)):
-            scored.append((value if spec.checkpoint.mode == "min" else -value, str(d)))
+            scored.append((value if spec.checkpoint.mode == "min" else -value, d))
     return min(scored)[1] if scored else None
 
 

@@ -1,6 +1,7 @@
 """`raylm` command line: a thin argparse layer over the library functions.
 
-Exit codes: 0 success, 1 the run failed, 2 the job file (or the command line) is bad.
+Exit codes: 0 success, 1 the run failed, 2 the job file (or the command line) is bad, 3 the
+evaluation gate (`serve.promote_if`) refused the winner.
 Heavy libraries are imported only inside commands, so `validate` answers in well under a second.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from raylm.spec import JobSpec, JobSpecError, load_job, reference_markdown
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
 
 
 def _load(args: argparse.Namespace) -> JobSpec | None:
@@ -48,12 +49,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args)
     if spec is None:
         return EXIT_BAD_INPUT
-    from raylm.cluster import ensure_ray
+    from raylm.cluster import StorageError, ensure_ray
     from raylm.train import run_train
 
     ensure_ray(args.address)
     try:
         result = run_train(spec)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # the run's own traceback is already in the log above
         print(f"\nerror: training {spec.name!r} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -75,14 +79,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if spec.tune is None or not spec.tune.search:
         print(f"error: {args.job}: tune.search is empty; nothing to sweep", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from raylm.cluster import ensure_ray
+    from raylm.cluster import StorageError, ensure_ray
     from raylm.report import format_sweep_table
     from raylm.tune import run_sweep, sweep_dir
 
     ensure_ray(args.address)
     try:
         result = run_sweep(spec, resume=args.resume)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
@@ -118,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from raylm.cluster import ensure_ray
-    from raylm.serve import api_key_digest, shutdown, start
+    from raylm.serve import api_key_digest, start
 
     try:
         api_key_digest(plan.spec)  # refuse before starting anything
@@ -137,23 +141,157 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"models:          {', '.join(n for n, _ in plan.models)}")
     print(f"url:             {url}/v1  (OpenAI-compatible; health: {url}/health)")
     print(f"try:             {curl_line(plan, url)}")
-    if args.detach:
-        print("detached:        it keeps running on the Ray cluster; stop it with `raylm shutdown`")
-        return EXIT_OK
-    print("Ctrl-C stops it.")
+    return _keep_serving(args.detach, None)
+
+
+def _keep_serving(detach: bool, serve_for: float | None) -> int:
+    """After a successful start: return at once (detached), after `serve_for` s, or at Ctrl-C."""
     import signal
     import time
+
+    from raylm.serve import shutdown
+
+    if detach:
+        print("detached:        it keeps running on the Ray cluster; stop it with `raylm shutdown`")
+        return EXIT_OK
 
     def _interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the server as cleanly as Ctrl-C
 
     signal.signal(signal.SIGTERM, _interrupt)
+    if serve_for is None:
+        print("Ctrl-C stops it.")
     try:
-        while True:
-            time.sleep(3600)
+        time.sleep(serve_for if serve_for is not None else 365 * 86400)
     except KeyboardInterrupt:
-        shutdown()
-        print("stopped.")
+        pass
+    shutdown()
+    print("stopped.")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if spec is None:
+        return EXIT_BAD_INPUT
+    from raylm.cluster import StorageError, ensure_ray
+    from raylm.pipeline import GateFailed, SettingsChanged, check_reuse, run_job
+    from raylm.serve import api_key_digest, curl_line
+
+    serving = not args.no_serve
+    try:
+        if serving and spec.serve is not None:
+            api_key_digest(spec.serve)  # refuse before any Ray work
+        check_reuse(spec, args.force)
+    except ValueError as exc:  # SettingsChanged, or a missing API key
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ensure_ray(args.address, persistent=args.detach)
+    try:
+        result = run_job(spec, force=args.force, serve=serving)
+    except (StorageError, SettingsChanged) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GateFailed as exc:
+        print(f"\nerror: {exc}\nnothing was served; the winner stays at its checkpoint. Loosen "
+              f"serve.promote_if or improve the run (e.g. training.max_steps).", file=sys.stderr)
+        return EXIT_GATE
+    except Exception as exc:
+        print(f"\nerror: run {spec.name!r} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    w = result.winner
+    print("\n=== raylm run: done ===")
+    if result.moved_aside:
+        print(f"previous run:    moved to {result.moved_aside}")
+    print(f"winner:          {w.stage}{' (reused)' if w.reused else ''}: {w.detail}")
+    print(f"checkpoint:      {w.checkpoint}  ({_fmt_metrics(w.metrics)})")
+    if result.plan is None or result.url is None:
+        print("served:          no (--no-serve); serve it later with `raylm serve " + args.job + "`")
+        return EXIT_OK
+    print(f"models:          {', '.join(n for n, _ in result.plan.models)}")
+    print(f"url:             {result.url}/v1  (OpenAI-compatible; health: {result.url}/health)")
+    print(f"try:             {curl_line(result.plan, result.url)}")
+    print(f"sample:          {result.plan.sample!r} → {result.answer!r}")
+    return _keep_serving(args.detach, args.serve_for)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from raylm import submit
+
+    spec = _load(args)
+    if spec is None:
+        return EXIT_BAD_INPUT
+    if not args.no_serve and spec.serve is not None and spec.serve.api_key_env \
+            and not os.environ.get(spec.serve.api_key_env):
+        print(f"error: serve.api_key_env is {spec.serve.api_key_env!r}: export it here; its value travels "
+              f"to the cluster in the job's runtime_env (never printed)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_args = [*(["--force"] if args.force else []), *(["--no-serve"] if args.no_serve else []),
+                "--detach"]  # the job ends once its winner is served; Serve stays on the cluster
+    with tempfile.TemporaryDirectory(prefix=f"raylm-submit-{spec.name}-") as tmp:
+        try:
+            staged = submit.stage_job(spec, tmp)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for note in staged.notes:
+            print(f"note: {note}")
+        for local, remote in staged.copied:
+            print(f"carrying {local} → {remote}")
+        address = submit.dashboard_address(args.address)
+        try:
+            job_id = submit.submit(staged, args.address, run_args, args.pip, args.env)
+        except Exception as exc:  # connection refused, 401 without the cluster's token, ...
+            print(f"error: could not submit to the Ray Jobs API at {address}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"submitted {job_id} to {address}: {submit.entrypoint(run_args)}")
+    if args.no_wait:
+        print(f"follow it with `raylm jobs logs {job_id} --address {address} --follow`")
+        return EXIT_OK
+    try:
+        status = submit.follow(args.address, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (`raylm jobs stop {job_id}` stops it)")
+        return EXIT_OK
+    print(f"\njob {job_id}: {status}")
+    return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import datetime
+
+    from raylm import submit
+
+    try:
+        if args.action == "list":
+            rows = submit.list_jobs(args.address)
+            for r in rows:
+                when = datetime.datetime.fromtimestamp(r["start_time"]).strftime("%Y-%m-%d %H:%M:%S")
+                print(f"{r['id']:<44} {r['status']:<10} {when}  {r['entrypoint']}")
+            if not rows:
+                print("no jobs")
+            return EXIT_OK
+        if not args.id:
+            print(f"error: raylm jobs {args.action} needs a job ID (see `raylm jobs list`)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        c = submit.client(args.address)
+        if args.action == "status":
+            info = c.get_job_info(args.id)
+            print(f"{args.id}: {info.status.value}" + (f" — {info.message}" if info.message else ""))
+        elif args.action == "logs":
+            if args.follow:
+                print(f"\n{args.id}: {submit.follow(args.address, args.id)}")
+            else:
+                print(c.get_job_logs(args.id), end="")
+        elif args.action == "stop":
+            c.stop_job(args.id)
+            print(f"{args.id}: {submit.wait(args.address, args.id, timeout_s=60)}")
+    except Exception as exc:  # unknown id, unreachable cluster, missing token
+        print(f"error: raylm jobs {args.action} at {submit.dashboard_address(args.address)}: {exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -206,6 +344,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--address", default=None, help="Ray cluster to attach to (default: local Ray)")
     p.set_defaults(func=cmd_tune)
+    p = job_command("run", "the whole pipeline: sweep or train → gate (serve.promote_if) → serve the "
+                    "winner → answer a sample request; finished stages are reused on a re-run")
+    p.add_argument("--force", action="store_true",
+                   help="train again even if this job finished (the old run is moved aside)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the gate")
+    p.add_argument("--detach", action="store_true",
+                   help="leave the winner served on the Ray cluster and exit (starts a local Ray head if none)")
+    p.add_argument("--serve-for", type=float, default=None, metavar="SECONDS",
+                   help="serve this long, then stop (0: answer the sample request and stop); "
+                   "default: until Ctrl-C")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: RAY_ADDRESS, else start a local Ray)")
+    p.set_defaults(func=cmd_run)
+    p = job_command("submit", "send the job to a Ray cluster's Jobs API as `raylm run` (data it "
+                    "names travels with it) and follow its logs")
+    p.add_argument("--address", default=None,
+                   help="Jobs API / dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS, "
+                   "else http://127.0.0.1:8265)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    p.add_argument("--force", action="store_true", help="passed to `raylm run` on the cluster")
+    p.add_argument("--no-serve", action="store_true", help="passed to `raylm run` on the cluster")
+    p.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
+                   help="pip requirement for the job's runtime_env, by name; repeatable")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="environment variable to carry from here (value never printed); repeatable")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="Ray Jobs on a cluster: list | status ID | logs ID | stop ID")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("id", nargs="?", help="submission id (from `raylm submit` or `raylm jobs list`)")
+    p.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    p.add_argument("--address", default=None, help="Jobs API address (default: RAY_ADDRESS, else "
+                   "http://127.0.0.1:8265)")
+    p.set_defaults(func=cmd_jobs)
     p = sub.add_parser("export", help="merge a LoRA checkpoint into a plain HF model directory")
     p.add_argument("checkpoint", help="a raylm checkpoint directory")
     p.add_argument("out_dir", help="new directory for the merged model")

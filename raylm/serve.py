@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raylm.checkpoint import best_run_checkpoint, inference_metadata, manifest_path
+from raylm.checkpoint import best_run_checkpoint, inference_metadata, manifest_path, read_manifest
 from raylm.spec import (
+    JobSpec,
     JobSpecError,
     ServeSpec,
     _merge,
@@ -25,6 +26,7 @@ from raylm.spec import (
     parse_overrides,
     serve_spec_from_dict,
 )
+from raylm.storage import local_dir
 
 APP_NAME = "raylm"
 ROUTE = "/v1/chat/completions"
@@ -44,27 +46,57 @@ def _is_lora(path: str) -> bool:
     return Path(path, "adapter_config.json").exists()
 
 
-def _job_models(target: str, overrides: Sequence[str]) -> tuple[list[tuple[str, str]], ServeSpec, list[str]]:
-    spec = load_job(target, list(overrides))
+def _job_models(spec: JobSpec) -> tuple[list[tuple[str, str]], list[str]]:
     serve_spec = spec.serve or ServeSpec()
     notes: list[str] = []
-    if os.path.exists(manifest_path(spec)):
-        manifest = json.loads(Path(manifest_path(spec)).read_text())
-        models = [(spec.name, manifest["checkpoint"])]
+    try:
+        manifest = read_manifest(spec)
+    except FileNotFoundError:
+        manifest = None
+    if manifest is not None:
+        # Checkpoints on cloud storage are fetched once into a local cache for the replicas.
+        models = [(spec.name, local_dir(manifest["checkpoint"]))]
         notes.append(f"{spec.name}: promoted trial {manifest['trial_id']} "
                      f"({manifest['metric']}={manifest[manifest['metric']]:.4g})")
-        if serve_spec.multi_lora and _is_lora(manifest["checkpoint"]):
+        if serve_spec.multi_lora and _is_lora(models[0][1]):
             for entry in manifest.get("top_k", []):
-                if _is_lora(entry["checkpoint"]):
-                    models.append((f"{spec.name}-{entry['trial_id']}", entry["checkpoint"]))
-        return models, serve_spec, notes
+                path = local_dir(entry["checkpoint"])
+                if _is_lora(path):
+                    models.append((f"{spec.name}-{entry['trial_id']}", path))
+        return models, notes
     best = best_run_checkpoint(spec)
     if best is None:
         raise FileNotFoundError(
             f"job {spec.name!r} has no promoted sweep winner ({manifest_path(spec)}) and no "
             f"training checkpoint under {spec.run_dir}: run `raylm tune` or `raylm train` first")
     notes.append(f"{spec.name}: best training checkpoint by {spec.checkpoint.metric}")
-    return [(spec.name, best)], serve_spec, notes
+    return [(spec.name, local_dir(best))], notes
+
+
+def _finish(models: list[tuple[str, str]], serve_spec: ServeSpec, notes: list[str],
+            adapters: Sequence[str], name: str | None, source: str) -> ServePlan:
+    if name:
+        models[0] = (name, models[0][1])
+    for item in adapters:
+        adapter_name, sep, adapter_dir = item.partition("=")
+        if not sep or not adapter_name or not Path(adapter_dir).is_dir():
+            raise JobSpecError([f"--adapter {item!r}: expected NAME=DIR with an existing directory"], source)
+        models.append((adapter_name, str(Path(adapter_dir).resolve())))
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise JobSpecError([f"model names must be unique: {names}"], source)
+    meta = inference_metadata(models[0][1])
+    sample = "12+7" if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic" else "Hello!"
+    return ServePlan(models, serve_spec, sample, notes)
+
+
+def plan_for_job(spec: JobSpec, adapters: Sequence[str] = (), name: str | None = None) -> ServePlan:
+    """The ServePlan of a job: its promoted sweep winner (+ top-k adapters) or best checkpoint.
+
+    Raises FileNotFoundError when the job has neither.
+    """
+    models, notes = _job_models(spec)
+    return _finish(models, spec.serve or ServeSpec(), notes, adapters, name, spec.name)
 
 
 def resolve_target(target: str, overrides: Sequence[str] = (), adapters: Sequence[str] = (),
@@ -76,32 +108,18 @@ def resolve_target(target: str, overrides: Sequence[str] = (), adapters: Sequenc
     """
     path = Path(target)
     if path.is_file():
-        models, serve_spec, notes = _job_models(target, overrides)
-    elif path.is_dir():
-        meta = inference_metadata(path)
-        tree, problems = parse_overrides(list(overrides))
-        problems += [f"override {k}.*: only serve.* settings apply to a checkpoint" for k in tree if k != "serve"]
-        if problems:
-            raise JobSpecError(problems, target)
-        trained = meta.get("spec", {})
-        serve_spec = serve_spec_from_dict(_merge(trained.get("serve") or {}, tree.get("serve", {})), target)
-        models = [(trained.get("name") or path.resolve().name, str(path.resolve()))]
-        notes = []
-    else:
+        return plan_for_job(load_job(target, list(overrides)), adapters, name)
+    if not path.is_dir():
         raise FileNotFoundError(f"{target}: not a job file or a checkpoint/model directory")
-    if name:
-        models[0] = (name, models[0][1])
-    for item in adapters:
-        adapter_name, sep, adapter_dir = item.partition("=")
-        if not sep or not adapter_name or not Path(adapter_dir).is_dir():
-            raise JobSpecError([f"--adapter {item!r}: expected NAME=DIR with an existing directory"], target)
-        models.append((adapter_name, str(Path(adapter_dir).resolve())))
-    names = [n for n, _ in models]
-    if len(set(names)) != len(names):
-        raise JobSpecError([f"model names must be unique: {names}"], target)
-    meta = inference_metadata(models[0][1])
-    sample = "12+7" if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic" else "Hello!"
-    return ServePlan(models, serve_spec, sample, notes)
+    meta = inference_metadata(path)
+    tree, problems = parse_overrides(list(overrides))
+    problems += [f"override {k}.*: only serve.* settings apply to a checkpoint" for k in tree if k != "serve"]
+    if problems:
+        raise JobSpecError(problems, target)
+    trained = meta.get("spec", {})
+    serve_spec = serve_spec_from_dict(_merge(trained.get("serve") or {}, tree.get("serve", {})), target)
+    models = [(trained.get("name") or path.resolve().name, str(path.resolve()))]
+    return _finish(models, serve_spec, [], adapters, name, target)
 
 
 def api_key_digest(spec: ServeSpec) -> str | None:
@@ -183,3 +201,15 @@ def shutdown() -> bool:
     if not serve.status().applications:
         serve.shutdown()
     return True
+
+
+def ask(plan: ServePlan, url: str, timeout_s: float = 120.0) -> str:
+    """Sends the plan's sample chat request to the served default model; returns the answer text."""
+    body = json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
+                       "max_tokens": 16, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json"}
+    if plan.spec.api_key_env:
+        headers["Authorization"] = f"Bearer {os.environ.get(plan.spec.api_key_env, '')}"
+    req = urllib.request.Request(url + ROUTE, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())["choices"][0]["message"]["content"]

@@ -336,7 +336,12 @@ class JobSpec(Section):
         "job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Run name; re-running the same name resumes it.",
     )
-    storage_path: str = Field("./runs", description="Where runs and checkpoints are kept.")
+    storage_path: str = Field(
+        "./runs", description="Where runs and checkpoints are kept: a local directory or a cloud URI "
+        "(`s3://…`, `gs://…`) handed to Ray. Multi-node runs need a URI or `storage_shared`.")
+    storage_shared: bool = Field(
+        False, description="Set when a local `storage_path` is mounted on every node (NFS); "
+        "without it a multi-node run on local disk is refused.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -558,6 +563,59 @@ def serve_spec_from_dict(data: Any, source: str = "serve") -> ServeSpec:
         raise JobSpecError(problems, source) from None
 
 
+# Fields that may name local files or directories; relative ones are resolved against the
+# directory raylm runs in, once, so trials and workers with another cwd read the same files.
+LOCAL_SOURCE_FIELDS = ("model.name_or_path", "data.train", "data.eval")
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str) and "://" not in value and not value.startswith(BUILTIN_PREFIX):
+        path = os.path.expanduser(value)
+        if not os.path.isabs(path) and os.path.exists(path):
+            return os.path.abspath(path)
+    return value
+
+
+def absolute_sources(data: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a raw job dict with existing relative local paths made absolute (search values too)."""
+    out = dict(data)
+    for dotted in LOCAL_SOURCE_FIELDS:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {**out[section], key: _absolute(out[section][key])}
+    tune = out.get("tune")
+    if isinstance(tune, dict) and isinstance(tune.get("search"), dict):
+        search = dict(tune["search"])
+        for dotted in LOCAL_SOURCE_FIELDS:
+            dist = search.get(dotted)
+            if isinstance(dist, dict):
+                search[dotted] = {k: [_absolute(v) for v in vs] if isinstance(vs, list) else vs
+                                  for k, vs in dist.items()}
+        out["tune"] = {**tune, "search": search}
+    return out
+
+
+# Sections that change how a finished run is served or retried, not what it trained.
+NOT_TRAINING_SETTINGS = ("serve", "failure", "storage_shared")
+
+
+def training_settings(spec: JobSpec) -> dict[str, Any]:
+    """The job's settings that decide what training produces (as plain JSON values)."""
+    return spec.model_dump(mode="json", exclude=set(NOT_TRAINING_SETTINGS))
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`path: old → new` for every leaf that differs between two settings dicts."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} → {b!r}")
+    return out
+
+
 def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobSpec:
     """Reads a YAML job file, applies `key=value` overrides, and validates it.
 
@@ -578,7 +636,7 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
     if problems:
         raise JobSpecError(problems, source)
     if isinstance(data, dict):
-        data = _merge(data, tree)
+        data = absolute_sources(_merge(data, tree))
     return spec_from_dict(data, source)
 
 

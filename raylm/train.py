@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from raylm.checkpoint import storage_uri
 from raylm.spec import JobSpec
+from raylm.storage import join, staged_dir, storage_uri, uri_of
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -370,10 +370,11 @@ def run_train(spec: JobSpec) -> TrainResult:
     Re-running a job with the same name and storage path resumes from its latest checkpoint.
     Returns a TrainResult; raises ray.train.TrainingFailedError if the run fails.
     """
-    from raylm.cluster import ensure_ray
+    from raylm.cluster import check_storage, ensure_ray
     from raylm.report import write_train_report
 
     ensure_ray()
+    check_storage(spec)
     result = build_trainer(spec).fit()
     if result.error:
         raise result.error
@@ -383,9 +384,11 @@ def run_train(spec: JobSpec) -> TrainResult:
         best = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode) or latest
     history = _checkpoint_metadata(latest).get("history", []) if latest else []
     best_metrics = _checkpoint_metadata(best).get("metrics", {}) if best else {}
-    run_dir = os.path.join(storage_uri(spec.storage_path), spec.name)
-    write_train_report(run_dir, history)
-    return TrainResult(run_dir, latest.path if latest else None, best.path if best else None,
+    run_dir = join(storage_uri(spec.storage_path), spec.name)
+    with staged_dir(run_dir) as out:
+        write_train_report(out, history)
+    return TrainResult(run_dir, uri_of(latest.filesystem, latest.path) if latest else None,
+                       uri_of(best.filesystem, best.path) if best else None,
                        dict(result.metrics or {}), best_metrics, history)
 
 

@@ -12,15 +12,15 @@ Layout under `<storage_path>/<name>/`:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.checkpoint import manifest_path, read_manifest, storage_uri
+from raylm.checkpoint import manifest_path, read_manifest
 from raylm.spec import JobSpec, _merge, _nest
+from raylm.storage import join, staged_dir, storage_uri, uri_of, write_json
 from raylm.train import build_trainer
 
 __all__ = ["manifest_path", "read_manifest", "run_sweep", "sweep_dir"]
@@ -31,7 +31,7 @@ TRIAL_DRIVER_CPUS = 0.01
 
 def sweep_dir(spec: JobSpec) -> str:
     """`<storage_path>/<name>/sweep` (absolute)."""
-    return os.path.join(storage_uri(spec.storage_path), spec.name, "sweep")
+    return join(storage_uri(spec.storage_path), spec.name, "sweep")
 
 
 def build_param_space(spec: JobSpec) -> dict[str, Any]:
@@ -175,9 +175,9 @@ def build_tuner(spec: JobSpec, resume: bool = False) -> Any:
     assert spec.tune is not None
     root = sweep_dir(spec)
     job = spec.model_dump(mode="json")
-    trainable = tune.with_parameters(run_trial, job=job, trials_dir=os.path.join(root, "trials"))
+    trainable = tune.with_parameters(run_trial, job=job, trials_dir=join(root, "trials"))
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
-    tuner_path = os.path.join(root, "tuner")
+    tuner_path = join(root, "tuner")
     if resume:
         if not tune.Tuner.can_restore(tuner_path):
             raise FileNotFoundError(f"no sweep to resume at {tuner_path}; run `raylm tune` first")
@@ -229,7 +229,8 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
         status = "error" if r.error else ("finished" if last["step"] >= last["total_steps"] else "stopped early")
         row.update({tu.metric: float(best[tu.metric]), "best_step": int(best["step"]),
                     "step": int(last["step"]), "total_steps": int(last["total_steps"]),
-                    "checkpoint": best.get("checkpoint_path") if not with_ckpt.empty else None,
+                    "checkpoint": uri_of(getattr(r, "filesystem", None), best["checkpoint_path"])
+                    if not with_ckpt.empty else None,
                     "status": status,
                     "curve": [[int(s), float(v)] for s, v in zip(evals["step"], evals[tu.metric], strict=True)]})
         rows.append(row)
@@ -254,11 +255,7 @@ def promote(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = candidates[0]
     manifest = {"job": spec.name, "metric": tu.metric, "mode": tu.mode, **entry(best),
                 "top_k": [entry(r) for r in candidates[: tu.top_k]], "created_unix": time.time()}
-    path = manifest_path(spec)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(path + ".tmp", path)  # readers never see a half-written manifest
+    write_json(manifest_path(spec), manifest)  # readers never see a half-written manifest
     return manifest
 
 
@@ -267,14 +264,17 @@ def run_sweep(spec: JobSpec, resume: bool = False) -> SweepResult:
 
     Returns the SweepResult; raises ValueError if the job has no `tune` section.
     """
-    from raylm.cluster import ensure_ray
+    from raylm.cluster import check_storage, ensure_ray
     from raylm.report import write_sweep_report
 
     if spec.tune is None or not spec.tune.search:
         raise ValueError(f"{spec.name}: the job has no tune.search to sweep")
     ensure_ray()
+    check_storage(spec)
     results = build_tuner(spec, resume=resume).fit()
     rows = trial_rows(results, spec)
     manifest = promote(spec, rows)
-    files = write_sweep_report(sweep_dir(spec), rows, spec.tune.metric, list(spec.tune.search))
+    with staged_dir(sweep_dir(spec)) as out:
+        files = write_sweep_report(out, rows, spec.tune.metric, list(spec.tune.search))
+    files = {k: join(sweep_dir(spec), os.path.basename(v)) for k, v in files.items()}
     return SweepResult(rows, manifest, files)

@@ -140,7 +140,7 @@ def test_readme_opens_with_the_demo_and_test_commands():
     commands = [line.split("#")[0].strip() for line in text.split("```bash")[1].split("```")[0].splitlines() if line.strip()]
     assert commands[:2] == ["make demo", "make test"]
     makefile = open(os.path.join(REPO, "Makefile")).read()
-    assert "raylm train jobs/quickstart.yaml" in makefile and "pytest" in makefile
+    assert "raylm run jobs/quickstart.yaml" in makefile and "pytest" in makefile
     assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
 
 

@@ -1,0 +1,163 @@
+"""`raylm run` end to end on the test's Ray: sweep → gate → served winner → HTTP answer; re-runs
+reuse finished stages; a changed job is refused; a gate that cannot pass serves nothing; storage
+that cannot work on the cluster is refused before training; cloud-style (`file://`) storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from raylm.spec import load_job
+
+from .conftest import REPO, tiny_job
+from .test_serve_ray import free_port
+
+pytestmark = pytest.mark.ray
+
+
+def raylm_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def write_job(tmp_path, **sections) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(tmp_path, **sections)))
+    return str(path)
+
+
+def post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_cli_run_sweeps_gates_serves_and_a_rerun_reuses_the_finished_sweep(ray_cluster, tmp_path):
+    port = free_port()
+    job = write_job(
+        tmp_path, name="e2e",
+        scaling={"num_workers": 1, "cpus_per_worker": 0.9},
+        training={"max_steps": 20, "eval_every": 10},
+        tune={"num_samples": 1, "scheduler": "none", "search": {"training.lr": {"grid": [1e-3, 1e-2]}}},
+        serve={"port": port, "num_cpus": 0.5, "promote_if": {"eval_loss": {"max": 50.0}}})
+    first = raylm_cli("run", job, "--detach", "--address", ray_cluster)
+    try:
+        assert first.returncode == 0, first.stderr[-3000:]
+        out = first.stdout
+        assert "winner:          sweep: trial" in out and "(reused)" not in out
+        assert f"url:             http://127.0.0.1:{port}/v1" in out
+        assert "[raylm run] stage 2/3 gate: eval_loss=" in out
+        sample = next(line for line in out.splitlines() if line.startswith("sample:"))
+        assert "'12+7' →" in sample
+        # the served winner answers over HTTP, as the printed sample did
+        got = post_json(f"http://127.0.0.1:{port}/v1/completions",
+                        {"prompt": "12+7=", "max_tokens": 4, "temperature": 0})
+        assert got["model"] == "e2e" and got["usage"]["completion_tokens"] >= 1
+        record = json.loads((tmp_path / "runs" / "e2e" / "run.json").read_text())
+        trials = sorted(os.listdir(tmp_path / "runs" / "e2e" / "sweep" / "trials"))
+        assert record["stage"] == "sweep" and len(trials) == 2
+
+        t0 = time.monotonic()
+        again = raylm_cli("run", job, "--detach", "--address", ray_cluster)
+        rerun_s = time.monotonic() - t0
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "winner:          sweep (reused): " + record["detail"] in again.stdout
+        assert sorted(os.listdir(tmp_path / "runs" / "e2e" / "sweep" / "trials")) == trials  # no new trials
+        assert json.loads((tmp_path / "runs" / "e2e" / "run.json").read_text()) == record
+        print(f"re-run with the sweep reused: {rerun_s:.1f}s")
+
+        changed = raylm_cli("run", job, "training.max_steps=30", "--address", ray_cluster, timeout=60)
+        assert changed.returncode == 2, changed.stdout[-2000:]
+        assert "training.max_steps: 20 → 30" in changed.stderr and "--force" in changed.stderr
+    finally:
+        down = raylm_cli("shutdown", "--address", ray_cluster, timeout=120)
+    assert "stopped the raylm Serve app" in down.stdout
+
+
+def test_a_gate_that_cannot_pass_serves_nothing_and_the_cli_exits_3(ray_cluster, tmp_path):
+    import raylm
+    from raylm.pipeline import GateFailed
+
+    job = write_job(
+        tmp_path, name="gated",
+        scaling={"num_workers": 1, "cpus_per_worker": 1},
+        training={"max_steps": 10, "eval_every": 10},
+        serve={"port": free_port(), "num_cpus": 0.5,
+               "promote_if": {"eval_loss": {"max": 1e-6}, "exact_match": {"min": 0.99}}})
+    with pytest.raises(GateFailed) as info:
+        raylm.run(load_job(job))
+    failures = " | ".join(info.value.failures)
+    assert "eval_loss=" in failures and "above the maximum 1e-06" in failures
+    assert "exact_match=" in failures and "below the minimum 0.99" in failures
+    assert raylm.shutdown() is False  # no raylm Serve app was started
+
+    cli = raylm_cli("run", job, "--address", ray_cluster)  # reuses the finished training, gate again
+    assert cli.returncode == 3, cli.stderr[-2000:]
+    assert "the evaluation gate refused the winner" in cli.stderr and "nothing was served" in cli.stderr
+    assert "stage 1/3 train: reused finished run" in cli.stdout
+    assert raylm.shutdown() is False
+
+
+def test_local_storage_is_refused_before_training_when_workers_need_other_nodes(ray_cluster, tmp_path):
+    # This node has no GPU, so GPU workers would land on other nodes: local disk cannot hold
+    # their checkpoints. Refused with exit 2 before any training starts.
+    job = write_job(tmp_path, name="gpu-on-cpu", scaling={"num_workers": 1, "use_gpu": True})
+    out = raylm_cli("train", job, "--address", ray_cluster, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "is a local directory" in out.stderr and "s3://" in out.stderr
+    assert not (tmp_path / "runs" / "gpu-on-cpu").exists()
+
+
+def test_shared_storage_rule_for_multi_node_clusters():
+    from raylm.cluster import shared_storage_problem
+
+    def node(i: int, gpus: int = 0) -> dict:
+        return {"NodeID": f"n{i}", "Alive": True, "Resources": {"CPU": 8.0, **({"GPU": gpus} if gpus else {})}}
+
+    spec = load_job(os.path.join(REPO, "jobs", "quickstart.yaml"))
+    assert shared_storage_problem(spec, [node(0)], "n0") is None
+    two = shared_storage_problem(spec, [node(0), node(1)], "n0")
+    assert two is not None and "2 nodes" in two and "./runs" in two
+    shared = spec.model_copy(update={"storage_shared": True})
+    assert shared_storage_problem(shared, [node(0), node(1)], "n0") is None
+    cloud = spec.model_copy(update={"storage_path": "s3://bucket/runs"})
+    assert shared_storage_problem(cloud, [node(0), node(1)], "n0") is None
+
+
+def test_run_with_a_uri_storage_path_keeps_its_records_through_pyarrow(ray_cluster, tmp_path):
+    import raylm
+    from raylm.checkpoint import META_FILE
+    from raylm.serve import plan_for_job
+    from raylm.storage import local_dir
+
+    store = tmp_path / "bucket"
+    job = write_job(tmp_path, name="uri", storage_path=f"file://{store}",
+                    scaling={"num_workers": 1, "cpus_per_worker": 1},
+                    training={"max_steps": 10, "eval_every": 10})
+    spec = load_job(job)
+    result = raylm.run(spec, serve=False)
+    # Ray resolves file:// to its local filesystem: checkpoints are plain paths under the URI's dir.
+    assert result.winner.checkpoint.startswith(f"{store}/uri/checkpoint_")
+    record = json.loads((store / "uri" / "run.json").read_text())  # written through pyarrow
+    assert record["checkpoint"] == result.winner.checkpoint and "eval_loss" in record["metrics"]
+    assert (store / "uri" / "loss_curve.png").stat().st_size > 0  # report uploaded next to the run
+    assert plan_for_job(spec).models[0][1] == result.winner.checkpoint  # found by listing the URI
+    assert raylm.run(spec, serve=False).winner.reused
+
+    # A checkpoint on a non-local filesystem is fetched once into the local cache, whole.
+    import pyarrow.fs
+
+    remote = pyarrow.fs.SubTreeFileSystem(str(store), pyarrow.fs.LocalFileSystem())
+    rel = os.path.relpath(result.winner.checkpoint, store)
+    cached = local_dir(rel, cache=str(tmp_path / "cache"), filesystem=remote)
+    assert cached.startswith(str(tmp_path / "cache")) and os.path.exists(os.path.join(cached, ".complete"))
+    assert json.loads(open(os.path.join(cached, META_FILE)).read())["metrics"] == record["metrics"]
+    assert sorted(os.listdir(cached)) == sorted([*os.listdir(result.winner.checkpoint), ".complete"])
