@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -40,10 +42,13 @@ def head(tmp_path_factory):
     ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
              "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    # Its own temp dir: `ray start` records "the current cluster" there, not in /tmp/ray where a
+    # later plain `ray.init()` would find this (by then stopped) head and try to join it.
+    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a limit
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         *(f"{k}={v}" for k, v in ports.items())],
+         f"--temp-dir={temp_dir}", *(f"{k}={v}" for k, v in ports.items())],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline, last = time.monotonic() + 120, None
@@ -59,6 +64,7 @@ def head(tmp_path_factory):
         pytest.fail(f"ray start --head did not bring up the Jobs API at {url}: {last}")
     yield url
     stop(proc)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
