@@ -206,9 +206,14 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
     return state
 
 
+def run_uri(spec: JobSpec) -> str:
+    """`<storage_path>/<name>` as Ray sees it: an absolute local path or a URI."""
+    return join(storage_uri(spec.storage_path), spec.name)
+
+
 def manifest_path(spec: JobSpec) -> str:
     """Where a sweep's promoted trial is recorded: `<storage_path>/<name>/best/manifest.json`."""
-    return join(storage_uri(spec.storage_path), spec.name, "best", MANIFEST)
+    return join(run_uri(spec), "best", MANIFEST)
 
 
 def read_manifest(spec: JobSpec) -> dict[str, Any]:
@@ -219,7 +224,7 @@ def read_manifest(spec: JobSpec) -> dict[str, Any]:
 def best_run_checkpoint(spec: JobSpec) -> str | None:
     """The best checkpoint (by `checkpoint.metric`) a `raylm train` run of this job kept, if any."""
     scored = []
-    for d in child_dirs(join(storage_uri(spec.storage_path), spec.name), "checkpoint_"):
+    for d in child_dirs(run_uri(spec), "checkpoint_"):
         try:
             value = read_json(join(d, META_FILE)).get("metrics", {}).get(spec.checkpoint.metric)
         except FileNotFoundError:

@@ -114,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from raylm.serve import curl_line, resolve_target
+    from raylm.serve import resolve_target
 
     try:
         plan = resolve_target(args.target, args.overrides, args.adapter, args.name)
@@ -138,10 +138,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print("\n=== raylm serve: up ===")
     for note in plan.notes:
         print(f"serving          {note}")
+    _print_served(plan, url)
+    return _keep_serving(args.detach, None)
+
+
+def _print_served(plan: Any, url: str) -> None:
+    from raylm.serve import curl_line
+
     print(f"models:          {', '.join(n for n, _ in plan.models)}")
     print(f"url:             {url}/v1  (OpenAI-compatible; health: {url}/health)")
     print(f"try:             {curl_line(plan, url)}")
-    return _keep_serving(args.detach, None)
 
 
 def _keep_serving(detach: bool, serve_for: float | None) -> int:
@@ -174,22 +180,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     if spec is None:
         return EXIT_BAD_INPUT
-    from raylm.cluster import StorageError, ensure_ray
-    from raylm.pipeline import GateFailed, SettingsChanged, check_reuse, run_job
-    from raylm.serve import api_key_digest, curl_line
+    from raylm.cluster import StorageError
+    from raylm.pipeline import GateFailed, NotReady, run_job
 
-    serving = not args.no_serve
     try:
-        if serving and spec.serve is not None:
-            api_key_digest(spec.serve)  # refuse before any Ray work
-        check_reuse(spec, args.force)
-    except ValueError as exc:  # SettingsChanged, or a missing API key
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    ensure_ray(args.address, persistent=args.detach)
-    try:
-        result = run_job(spec, force=args.force, serve=serving)
-    except (StorageError, SettingsChanged) as exc:
+        result = run_job(spec, force=args.force, serve=not args.no_serve, address=args.address,
+                         persistent=args.detach)
+    except (StorageError, NotReady) as exc:  # NotReady: raised before any Ray work
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except GateFailed as exc:
@@ -208,9 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.plan is None or result.url is None:
         print("served:          no (--no-serve); serve it later with `raylm serve " + args.job + "`")
         return EXIT_OK
-    print(f"models:          {', '.join(n for n, _ in result.plan.models)}")
-    print(f"url:             {result.url}/v1  (OpenAI-compatible; health: {result.url}/health)")
-    print(f"try:             {curl_line(result.plan, result.url)}")
+    _print_served(result.plan, result.url)
     print(f"sample:          {result.plan.sample!r} → {result.answer!r}")
     return _keep_serving(args.detach, args.serve_for)
 
@@ -223,11 +218,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = _load(args)
     if spec is None:
         return EXIT_BAD_INPUT
-    if not args.no_serve and spec.serve is not None and spec.serve.api_key_env \
-            and not os.environ.get(spec.serve.api_key_env):
-        print(f"error: serve.api_key_env is {spec.serve.api_key_env!r}: export it here; its value travels "
-              f"to the cluster in the job's runtime_env (never printed)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if not args.no_serve and spec.serve is not None:
+        from raylm.serve import api_key_digest
+
+        try:
+            api_key_digest(spec.serve)
+        except ValueError as exc:
+            print(f"error: {exc} (its value travels to the cluster in the job's runtime_env, never "
+                  f"printed)", file=sys.stderr)
+            return EXIT_BAD_INPUT
     run_args = [*(["--force"] if args.force else []), *(["--no-serve"] if args.no_serve else []),
                 "--detach"]  # the job ends once its winner is served; Serve stays on the cluster
     with tempfile.TemporaryDirectory(prefix=f"raylm-submit-{spec.name}-") as tmp:
@@ -242,7 +241,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"carrying {local} → {remote}")
         address = submit.dashboard_address(args.address)
         try:
-            job_id = submit.submit(staged, args.address, run_args, args.pip, args.env)
+            c = submit.client(args.address)
+            job_id = submit.submit(c, staged, run_args, args.pip, args.env)
         except Exception as exc:  # connection refused, 401 without the cluster's token, ...
             print(f"error: could not submit to the Ray Jobs API at {address}: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -251,7 +251,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it with `raylm jobs logs {job_id} --address {address} --follow`")
         return EXIT_OK
     try:
-        status = submit.follow(args.address, job_id)
+        status = submit.follow(c, job_id)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running (`raylm jobs stop {job_id}` stops it)")
         return EXIT_OK
@@ -264,30 +264,30 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from raylm import submit
 
+    if args.action != "list" and not args.id:
+        print(f"error: raylm jobs {args.action} needs a job ID (see `raylm jobs list`)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
+        c = submit.client(args.address)
         if args.action == "list":
-            rows = submit.list_jobs(args.address)
+            rows = submit.list_jobs(c)
             for r in rows:
                 when = datetime.datetime.fromtimestamp(r["start_time"]).strftime("%Y-%m-%d %H:%M:%S")
                 print(f"{r['id']:<44} {r['status']:<10} {when}  {r['entrypoint']}")
             if not rows:
                 print("no jobs")
             return EXIT_OK
-        if not args.id:
-            print(f"error: raylm jobs {args.action} needs a job ID (see `raylm jobs list`)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        c = submit.client(args.address)
         if args.action == "status":
             info = c.get_job_info(args.id)
             print(f"{args.id}: {info.status.value}" + (f" — {info.message}" if info.message else ""))
         elif args.action == "logs":
             if args.follow:
-                print(f"\n{args.id}: {submit.follow(args.address, args.id)}")
+                print(f"\n{args.id}: {submit.follow(c, args.id)}")
             else:
                 print(c.get_job_logs(args.id), end="")
         elif args.action == "stop":
             c.stop_job(args.id)
-            print(f"{args.id}: {submit.wait(args.address, args.id, timeout_s=60)}")
+            print(f"{args.id}: {submit.wait(c, args.id, timeout_s=60)}")
     except Exception as exc:  # unknown id, unreachable cluster, missing token
         print(f"error: raylm jobs {args.action} at {submit.dashboard_address(args.address)}: {exc}",
               file=sys.stderr)

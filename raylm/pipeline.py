@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylm.checkpoint import META_FILE
+from raylm.checkpoint import META_FILE, run_uri
 from raylm.serve import ServePlan
 from raylm.spec import JobSpec, settings_diff, training_settings
-from raylm.storage import exists, join, move, read_json, storage_uri, write_json
+from raylm.storage import exists, join, move, read_json, write_json
 
 RUN_RECORD = "run.json"
 
@@ -29,7 +29,11 @@ class GateFailed(RuntimeError):
         self.failures = failures
 
 
-class SettingsChanged(ValueError):
+class NotReady(ValueError):
+    """The job cannot start as given; found before any Ray work, so nothing was started."""
+
+
+class SettingsChanged(NotReady):
     """A finished run of this job name was trained with other settings."""
 
 
@@ -60,15 +64,10 @@ def _say(msg: str) -> None:
     print(f"[raylm run] {msg}", flush=True)
 
 
-def run_dir(spec: JobSpec) -> str:
-    """`<storage_path>/<name>` as Ray sees it (absolute path or URI)."""
-    return join(storage_uri(spec.storage_path), spec.name)
-
-
 def read_record(spec: JobSpec) -> dict[str, Any] | None:
     """The finished-stage record of this job, or None."""
     try:
-        return read_json(join(run_dir(spec), RUN_RECORD))
+        return read_json(join(run_uri(spec), RUN_RECORD))
     except FileNotFoundError:
         return None
 
@@ -88,25 +87,35 @@ def gate_failures(promote_if: dict[str, dict[str, float]], metrics: dict[str, An
     return out
 
 
-def check_reuse(spec: JobSpec, force: bool) -> dict[str, Any] | None:
-    """The record to reuse, if any. Raises SettingsChanged when the job changed (and not `force`).
+def check_ready(spec: JobSpec, force: bool, serve: bool) -> dict[str, Any] | None:
+    """Checks that need no Ray: the serving API key is set (when serving) and a finished run
+    is reusable. Returns the record to reuse, if any; raises NotReady / SettingsChanged."""
+    from raylm.serve import api_key_digest
 
-    Reads files only; call it before any Ray work so a refused re-run costs nothing.
-    """
+    if serve and spec.serve is not None:
+        try:
+            api_key_digest(spec.serve)  # a missing key fails now, not after training
+        except ValueError as exc:
+            raise NotReady(str(exc)) from None
+    return check_reuse(spec, force)
+
+
+def check_reuse(spec: JobSpec, force: bool) -> dict[str, Any] | None:
+    """The record to reuse, if any. Raises SettingsChanged when the job changed (and not `force`)."""
     record = read_record(spec)
     if record is None or force:
         return None
     changed = settings_diff(record.get("settings", {}), training_settings(spec))
     if changed:
         raise SettingsChanged(
-            f"job {spec.name!r} already finished under {run_dir(spec)} with other settings "
+            f"job {spec.name!r} already finished under {run_uri(spec)} with other settings "
             f"({'; '.join(changed[:8])}{' …' if len(changed) > 8 else ''}); run with --force to "
             f"train again (the old run is moved aside, not deleted), or give the job a new name")
     return record if exists(record["checkpoint"]) else None
 
 
 def _move_aside(spec: JobSpec) -> str | None:
-    src = run_dir(spec)
+    src = run_uri(spec)
     if not exists(src):
         return None
     dst = f"{src}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -114,12 +123,10 @@ def _move_aside(spec: JobSpec) -> str | None:
     return dst
 
 
-def train_stage(spec: JobSpec, force: bool = False) -> tuple[Winner, str | None]:
-    """Sweeps or trains (or reuses a finished stage); records and returns the winner.
-
-    Returns (winner, where an old run was moved by `force`).
-    """
-    record = check_reuse(spec, force)
+def train_stage(spec: JobSpec, force: bool = False,
+                record: dict[str, Any] | None = None) -> tuple[Winner, str | None]:
+    """Sweeps or trains, records and returns the winner — or returns `record`'s (from
+    `check_reuse`) when given. Returns (winner, where an old run was moved by `force`)."""
     if record is not None:
         return Winner(record["stage"], record["checkpoint"], record["metrics"], record["detail"], True), None
     moved = _move_aside(spec) if force else None
@@ -143,7 +150,7 @@ def train_stage(spec: JobSpec, force: bool = False) -> tuple[Winner, str | None]
         stage, ckpt = "train", result.best_checkpoint
         detail = f"best checkpoint by {spec.checkpoint.metric}"
     metrics = read_json(join(ckpt, META_FILE)).get("metrics", {})
-    write_json(join(run_dir(spec), RUN_RECORD), {
+    write_json(join(run_uri(spec), RUN_RECORD), {
         "stage": stage, "checkpoint": ckpt, "metrics": metrics, "detail": detail,
         "settings": training_settings(spec), "finished_unix": time.time()})
     return Winner(stage, ckpt, metrics, detail), moved
@@ -156,20 +163,21 @@ def check_gate(spec: JobSpec, winner: Winner) -> None:
         raise GateFailed(failures)
 
 
-def run_job(spec: JobSpec, force: bool = False, serve: bool = True) -> RunResult:
-    """The whole pipeline on the current (or an embedded local) Ray; see the module docstring.
+def run_job(spec: JobSpec, force: bool = False, serve: bool = True, address: str | None = None,
+            persistent: bool = False) -> RunResult:
+    """The whole pipeline; see the module docstring. Ray is the current one, else `ensure_ray`'s
+    (`address`, or a local Ray — a persistent head with `persistent`).
 
-    Raises SettingsChanged, raylm.cluster.StorageError, GateFailed, or the stage's own error.
-    With `serve`, the `raylm` Serve app is left running; `raylm.serve.shutdown()` stops it.
+    Raises NotReady/SettingsChanged (before any Ray work), raylm.cluster.StorageError,
+    GateFailed, or the stage's own error. With `serve`, the `raylm` Serve app is left running;
+    `raylm.serve.shutdown()` stops it.
     """
     from raylm.cluster import ensure_ray
-    from raylm.serve import api_key_digest, ask, plan_for_job, start
+    from raylm.serve import ask, plan_for_job, start
 
-    if serve and spec.serve is not None:
-        api_key_digest(spec.serve)  # a missing key fails now, not after training
-    check_reuse(spec, force)
-    ensure_ray()
-    winner, moved = train_stage(spec, force)
+    record = check_ready(spec, force, serve)
+    ensure_ray(address, persistent=persistent)
+    winner, moved = train_stage(spec, force, record)
     _say(f"stage 1/3 {winner.stage}: {'reused finished run' if winner.reused else 'done'} — "
          f"{winner.detail}")
     check_gate(spec, winner)

@@ -179,10 +179,14 @@ def start(plan: ServePlan, wait_s: float = 60.0) -> str:
     return url
 
 
+def _sample_body(plan: ServePlan) -> str:
+    return json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
+                       "max_tokens": 16, "temperature": 0})
+
+
 def curl_line(plan: ServePlan, url: str) -> str:
     """A ready-to-paste request against the served default model."""
-    body = json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
-                       "max_tokens": 16, "temperature": 0})
+    body = _sample_body(plan)
     auth = f' -H "Authorization: Bearer ${plan.spec.api_key_env}"' if plan.spec.api_key_env else ""
     return f"curl {url}{ROUTE} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
 
@@ -205,8 +209,7 @@ def shutdown() -> bool:
 
 def ask(plan: ServePlan, url: str, timeout_s: float = 120.0) -> str:
     """Sends the plan's sample chat request to the served default model; returns the answer text."""
-    body = json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
-                       "max_tokens": 16, "temperature": 0}).encode()
+    body = _sample_body(plan).encode()
     headers = {"Content-Type": "application/json"}
     if plan.spec.api_key_env:
         headers["Authorization"] = f"Bearer {os.environ.get(plan.spec.api_key_env, '')}"

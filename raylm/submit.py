@@ -156,36 +156,32 @@ def client(address: str | None) -> Any:
     return JobSubmissionClient(dashboard_address(address))
 
 
-def submit(staged: StagedJob, address: str | None, run_args: Sequence[str] = (),
-           pip: Sequence[str] = (), env_names: Sequence[str] = ()) -> str:
-    """Submits the staged job; returns its submission id (`raylm-<name>-<time>-<rand>`)."""
+def submit(c: Any, staged: StagedJob, run_args: Sequence[str] = (), pip: Sequence[str] = (),
+           env_names: Sequence[str] = ()) -> str:
+    """Submits the staged job through client `c`; returns its id (`raylm-<name>-<time>-<rand>`)."""
     job_id = f"raylm-{staged.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    return client(address).submit_job(
+    return c.submit_job(
         entrypoint=entrypoint(run_args), submission_id=job_id,
         runtime_env=build_runtime_env(staged, pip, env_names),
         metadata={"raylm_job": staged.spec.name})
 
 
-def follow(address: str | None, job_id: str, out: Any = None) -> str:
+def follow(c: Any, job_id: str) -> str:
     """Prints the job's logs as they come until it ends; returns its final status name."""
     import asyncio
     import sys
 
-    c = client(address)
-    out = out or sys.stdout
-
     async def tail() -> None:
         async for lines in c.tail_job_logs(job_id):
-            out.write(lines)
-            out.flush()
+            sys.stdout.write(lines)
+            sys.stdout.flush()
 
     asyncio.run(tail())
-    return wait(address, job_id, timeout_s=60)
+    return wait(c, job_id, timeout_s=60)
 
 
-def wait(address: str | None, job_id: str, timeout_s: float) -> str:
+def wait(c: Any, job_id: str, timeout_s: float) -> str:
     """Polls until the job is SUCCEEDED, FAILED or STOPPED (or the timeout); returns the status."""
-    c = client(address)
     deadline = time.monotonic() + timeout_s
     status = str(c.get_job_status(job_id).value)
     while status not in TERMINAL and time.monotonic() < deadline:
@@ -194,10 +190,10 @@ def wait(address: str | None, job_id: str, timeout_s: float) -> str:
     return status
 
 
-def list_jobs(address: str | None) -> list[dict[str, Any]]:
+def list_jobs(c: Any) -> list[dict[str, Any]]:
     """Jobs on the cluster, newest first: id, status, entrypoint, start time, raylm job name."""
     rows = []
-    for j in client(address).list_jobs():
+    for j in c.list_jobs():
         rows.append({"id": j.submission_id or j.job_id, "status": str(j.status.value),
                      "entrypoint": j.entrypoint, "start_time": (j.start_time or 0) / 1000,
                      "job": (j.metadata or {}).get("raylm_job", ""), "message": j.message or ""})

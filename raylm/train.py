@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from raylm.checkpoint import run_uri
 from raylm.spec import JobSpec
-from raylm.storage import join, staged_dir, storage_uri, uri_of
+from raylm.storage import staged_dir, storage_uri, uri_of
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -384,7 +385,7 @@ def run_train(spec: JobSpec) -> TrainResult:
         best = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode) or latest
     history = _checkpoint_metadata(latest).get("history", []) if latest else []
     best_metrics = _checkpoint_metadata(best).get("metrics", {}) if best else {}
-    run_dir = join(storage_uri(spec.storage_path), spec.name)
+    run_dir = run_uri(spec)
     with staged_dir(run_dir) as out:
         write_train_report(out, history)
     return TrainResult(run_dir, uri_of(latest.filesystem, latest.path) if latest else None,

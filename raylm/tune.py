@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.checkpoint import manifest_path, read_manifest
+from raylm.checkpoint import manifest_path, read_manifest, run_uri
 from raylm.spec import JobSpec, _merge, _nest
-from raylm.storage import join, staged_dir, storage_uri, uri_of, write_json
+from raylm.storage import join, staged_dir, uri_of, write_json
 from raylm.train import build_trainer
 
 __all__ = ["manifest_path", "read_manifest", "run_sweep", "sweep_dir"]
@@ -31,7 +31,7 @@ TRIAL_DRIVER_CPUS = 0.01
 
 def sweep_dir(spec: JobSpec) -> str:
     """`<storage_path>/<name>/sweep` (absolute)."""
-    return join(storage_uri(spec.storage_path), spec.name, "sweep")
+    return join(run_uri(spec), "sweep")
 
 
 def build_param_space(spec: JobSpec) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
         status = "error" if r.error else ("finished" if last["step"] >= last["total_steps"] else "stopped early")
         row.update({tu.metric: float(best[tu.metric]), "best_step": int(best["step"]),
                     "step": int(last["step"]), "total_steps": int(last["total_steps"]),
-                    "checkpoint": uri_of(getattr(r, "filesystem", None), best["checkpoint_path"])
+                    "checkpoint": uri_of(r.filesystem, best["checkpoint_path"])
                     if not with_ckpt.empty else None,
                     "status": status,
                     "curve": [[int(s), float(v)] for s, v in zip(evals["step"], evals[tu.metric], strict=True)]})
