@@ -10,22 +10,28 @@ Layout of one checkpoint directory:
     train_state/
       optim.safetensors      full fp32 trainable weights + Adam moments (world-size independent)
       state.json             step, epoch position, scheduler, optimizer step count
-      rng_rank{R}.safetensors  each worker's torch RNG state
+      rng.safetensors        each worker's torch RNG state (`rank{R}`)
+    checksums.json           size and sha256 of every file above; written last
 
 Weights and moments are gathered with DeepSpeed's `safe_get_full_*` API, so the same files come
-out of ZeRO 0/1/2/3 and can resume under another stage or worker count.
+out of ZeRO 0/1/2/3 and can resume under another stage or worker count. Rank 0 writes every file,
+so one `checksums.json` covers the whole checkpoint: a copy cut short (a process killed while Ray
+uploads it) lacks it or fails it, and is never loaded as if it were whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raylm.storage import child_dirs, join, read_json, storage_uri
+from raylm.storage import child_dirs, file_sizes, is_uri, join, read_json, storage_uri
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +43,8 @@ PROBE_FILE = "probe.safetensors"
 STATE_DIR = "train_state"
 FORMAT = "raylm-checkpoint/1"
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"
+RNG_FILE = "rng.safetensors"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # Pickle-based formats: a checkpoint carrying one is refused rather than loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -97,14 +105,13 @@ def save_checkpoint(
 ) -> None:
     """Writes this worker's share of a checkpoint into `directory` (a collective under ZeRO-3).
 
-    Rank 0 writes the weights, tokenizer, metadata and resume state; every rank writes its RNG.
+    Rank 0 writes every file (weights, tokenizer, metadata, resume state, all workers' RNG
+    states); the others only take part in the gathers. Call `seal` after the last file.
     """
-    import torch
     from safetensors.torch import save_file
 
     directory = Path(directory)
     state_dir = directory / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
     module = engine.module
     params = trainable_params(module)
     weights = gather_full(engine, params)
@@ -112,9 +119,11 @@ def save_checkpoint(
     # Full weights = the trainable ones just gathered + any frozen rest (none in full fine-tuning).
     frozen = [] if lora else [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
     full = weights if lora else {**gather_full(engine, frozen), **weights}
-    save_file({"rng": torch.get_rng_state()}, str(state_dir / f"rng_rank{rank}.safetensors"))
+    rng = _gather_rng()
     if rank != 0:
         return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_file({f"rank{r}": t for r, t in enumerate(rng)}, str(state_dir / RNG_FILE))
     dtype = next(iter(module.parameters())).dtype
     to_save = {k: v.to(dtype) for k, v in full.items()}
     module.save_pretrained(directory, state_dict=to_save, safe_serialization=True)
@@ -129,6 +138,83 @@ def save_checkpoint(
     (state_dir / "state.json").write_text(json.dumps(state, indent=2))
     meta = {"format": FORMAT, "created_unix": time.time(), **metadata}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _gather_rng() -> list[torch.Tensor]:
+    """Every worker's torch RNG state, in rank order (a collective when torch.distributed runs)."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.get_rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    # all_gather_object moves the tensor through the backend's device (CPU for gloo, GPU for NCCL).
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return [t.cpu() for t in states]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(directory: str | Path) -> None:
+    """Writes `checksums.json` (size and sha256 of every other file) last, by rename, so a
+    checkpoint with a readable checksums file had all its files written first."""
+    root = Path(directory)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != CHECKSUMS:
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = root / (CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+    os.replace(tmp, root / CHECKSUMS)
+
+
+def checkpoint_problems(path: str | Path, hashes: bool = True) -> list[str]:
+    """Why a checkpoint (local directory or URI) cannot be trusted: [] when every file has its
+    recorded size and, for a local directory with `hashes`, its sha256."""
+    path = str(path)
+    try:
+        files = read_json(join(path, CHECKSUMS))["files"]
+    except FileNotFoundError:
+        return [f"no {CHECKSUMS} (the checkpoint was not completely written)"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{CHECKSUMS} is unreadable ({exc})"]
+    sizes = file_sizes(path)
+    problems = []
+    for rel, want in files.items():
+        if rel not in sizes:
+            problems.append(f"{rel} is missing")
+        elif sizes[rel] != want["size"]:
+            problems.append(f"{rel} has {sizes[rel]} bytes, {want['size']} were written")
+        elif hashes and not is_uri(path) and _sha256(Path(path, rel)) != want["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems
+
+
+def check_checkpoint(directory: str | Path) -> None:
+    """Raises ValueError naming each problem if a raylm checkpoint or export fails its checksums.
+    Plain HF model directories (no raylm.json) carry none and are not checked."""
+    if not Path(directory, META_FILE).exists():
+        return
+    problems = checkpoint_problems(directory)
+    if problems:
+        raise ValueError(f"{directory} is damaged or incomplete: {'; '.join(problems)}")
+
+
+_STEP = re.compile(r"^checkpoint_(\d+)")
+
+
+def checkpoint_step(name: str) -> int:
+    """The step in a checkpoint directory name (`checkpoint_0000040[-r1]`), -1 if none."""
+    m = _STEP.match(os.path.basename(name.rstrip("/")))
+    return int(m.group(1)) if m else -1
 
 
 def load_weights(directory: str | Path, model: Any) -> None:
@@ -198,9 +284,9 @@ def load_train_state(directory: str | Path, engine: Any, rank: int) -> dict[str,
         # from construction until the next step, so put the restored step's LR back now.
         for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
             group["lr"] = lr
-    rng_file = state_dir / f"rng_rank{rank}.safetensors"
-    if rng_file.exists():
-        torch.set_rng_state(load_file(str(rng_file))["rng"])
+    rng = load_file(str(state_dir / RNG_FILE))
+    if f"rank{rank}" in rng:  # a resume with more workers than saved starts new ones fresh
+        torch.set_rng_state(rng[f"rank{rank}"])
     engine.global_steps = state["step"]
     engine.global_samples = state.get("global_samples", 0)
     return state
@@ -222,9 +308,14 @@ def read_manifest(spec: JobSpec) -> dict[str, Any]:
 
 
 def best_run_checkpoint(spec: JobSpec) -> str | None:
-    """The best checkpoint (by `checkpoint.metric`) a `raylm train` run of this job kept, if any."""
+    """The best whole checkpoint (by `checkpoint.metric`) a `raylm train` run of this job kept,
+    if any; a damaged or half-written one is skipped with a warning."""
     scored = []
     for d in child_dirs(run_uri(spec), "checkpoint_"):
+        problems = checkpoint_problems(d, hashes=False)  # sizes here; sha256 when it is loaded
+        if problems:
+            warnings.warn(f"skipping damaged checkpoint {d}: {'; '.join(problems)}", stacklevel=2)
+            continue
         try:
             value = read_json(join(d, META_FILE)).get("metrics", {}).get(spec.checkpoint.metric)
         except FileNotFoundError:
@@ -263,12 +354,14 @@ def load_for_inference(
 
     `directory` is a raylm checkpoint (LoRA or full), an export, or a plain HF model directory.
     `more_adapters` are further LoRA checkpoints over the same base, loaded as peft adapters
-    `"1"`, `"2"`, … next to `"default"`. Raises ValueError for pickles or mismatched bases.
+    `"1"`, `"2"`, … next to `"default"`. Raises ValueError for pickles, a checkpoint that fails
+    its checksums, or mismatched bases.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for d in (directory, *more_adapters):
         refuse_pickles(d)
+        check_checkpoint(d)
     meta = inference_metadata(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if not Path(directory, "adapter_config.json").exists():
@@ -305,4 +398,5 @@ def export_merged(directory: str | Path, out_dir: str | Path, trust_remote_code:
     meta = read_metadata(directory)
     meta.update(exported_from=str(directory), base_model=None, exported_unix=time.time())
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    seal(out)
     return out

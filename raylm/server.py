@@ -1,8 +1,11 @@
-"""The Serve replica: a FastAPI ingress with OpenAI-compatible routes over an inference Engine.
+"""The Serve app: a `Gateway` ingress (FastAPI, OpenAI-compatible routes) in front of `LLM`
+model replicas reached through a DeploymentHandle.
 
-Non-streaming requests are batched with `serve.batch`; streams run one at a time through the same
-engine. Every client mistake is a 4xx OpenAI-style JSON error raised before any model work, so a
-bad request can never fail a batch or take a replica down.
+The gateway checks the key, the body and the model name, so every client mistake is a 4xx
+OpenAI-style JSON error raised before any model work; the LLM replicas tokenize, check limits,
+batch non-streaming requests with `serve.batch` and generate. Keeping HTTP off the model
+replicas is what lets a request survive one of them dying: the gateway retries a request whose
+replica died once on another, and answers 503 (with Retry-After) rather than 500 if that fails too.
 """
 # No `from __future__ import annotations` here: FastAPI reads route annotations at runtime and
 # Serve's ingress wrapper hides the module globals it would need to resolve strings.
@@ -19,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
 from raylm.api import (
@@ -36,11 +41,15 @@ from raylm.inference import Completion, Engine, Sampling
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+# A model replica that died with the request on it; the request itself was fine.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
+RETRY_AFTER_S = 1
 
 
 @app.exception_handler(APIError)
 async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(HTTPException)
@@ -77,25 +86,21 @@ def _count(counter: Any, n: int, model: str) -> None:
 
 
 def key_digest(key: str) -> str:
-    """SHA-256 of an API key: replicas hold and compare digests, never the key itself."""
+    """SHA-256 of an API key: the gateway holds and compares digests, never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 @serve.deployment(name="LLM", health_check_period_s=10, health_check_timeout_s=30)
-@serve.ingress(app)
 class LLMServer:
-    """One replica: the model(s), the routes, the request batcher."""
+    """One model replica: the model(s), the request batcher, token limits."""
 
-    def __init__(self, models: list[tuple[str, str]], limits: dict[str, Any], api_key_digest: str | None):
+    def __init__(self, models: list[tuple[str, str]], limits: dict[str, Any]):
         from ray.serve.metrics import Counter, Histogram
 
         # Serve already exports request counts, status codes and latencies; these add tokens
         # and batch sizes (Prometheus names get a `ray_` prefix).
-
         self.engine = Engine(models)
         self.limits = Limits(**limits)
-        self._key = api_key_digest
-        self._created = int(time.time())
         self._fatal: str | None = None
         self.generate_batch.set_max_batch_size(self.limits.max_batch_size)
         self._in_flight = 0
@@ -111,7 +116,10 @@ class LLMServer:
         if self._fatal:
             raise RuntimeError(self._fatal)
 
-    # -- batching ---------------------------------------------------------------------------
+    def ping(self) -> list[str]:
+        """The served model names (the gateway's /health asks a replica, so it means 'can answer')."""
+        return self.engine.names
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def generate_batch(self, items: list[tuple[str, list[int], Sampling]]) -> list[Completion]:
         self.m_batch.observe(len(items))
@@ -121,39 +129,10 @@ class LLMServer:
             self._fatal = f"generation failed: {exc!r}"
             raise
 
-    # -- request plumbing -------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if self._key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = key_digest(token.strip())
-        # Both sides are fixed-length digests, compared in constant time.
-        if not (hmac.compare_digest(given, self._key) and scheme.lower() == "bearer"):
-            raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
-                           code="invalid_api_key", type_="authentication_error")
-
-    async def _parse(self, request: Request, model: type) -> Any:
-        self._auth(request)
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and not declared.isdigit():
-            raise APIError(400, f"bad Content-Length header {declared[:32]!r}", code="invalid_request")
-        if declared is not None and int(declared) > limit:
-            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
-        return parse_body(bytes(body), request.headers.get("content-type"), model)
-
-    def _model(self, name: str | None) -> str:
-        if name is None:
-            return self.engine.names[0]
-        if name not in self.engine.names:
-            raise APIError(404, f"model {name!r} is not served here; see GET /v1/models "
-                           f"({', '.join(self.engine.names)})", param="model", code="model_not_found")
-        return name
+    def _encode(self, kind: str, req: Any, model: str) -> list[int]:
+        if kind == "chat":
+            return self.engine.encode_chat(model, [m.model_dump(exclude_none=True) for m in req.messages])
+        return self.engine.encode_prompt(req.prompt)
 
     def _sampling(self, req: Any, prompt_len: int) -> Sampling:
         lim = self.limits
@@ -174,12 +153,14 @@ class LLMServer:
                            param="max_tokens", code="context_length_exceeded")
         return Sampling(max_tokens, req.temperature, req.top_p, req.stops(), req.seed)
 
-    async def _answer(self, kind: str, req: Any, model: str, ids: list[int]) -> Any:
-        sampling = self._sampling(req, len(ids))
+    async def answer(self, kind: str, req: Any, model: str) -> tuple[int, dict[str, Any]]:
+        """A non-streaming request → (HTTP status, JSON body); limit errors come back as 4xx."""
+        try:
+            ids = self._encode(kind, req, model)
+            sampling = self._sampling(req, len(ids))
+        except APIError as exc:
+            return exc.status, exc.body()
         _count(self.m_prompt, len(ids), model)
-        if req.stream:
-            return StreamingResponse(self._events(kind, model, ids, sampling),
-                                     media_type="text/event-stream")
         # Serve forms the next batch while the current one runs, so a batch only grows during
         # its wait. Wait only when other requests are in flight: a lone request starts at once.
         self._in_flight += 1
@@ -191,9 +172,18 @@ class LLMServer:
             self._in_flight -= 1
         _count(self.m_tokens, out.completion_tokens, model)
         body = chat_body if kind == "chat" else completion_body
-        return body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+        return 200, body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
 
-    async def _events(self, kind: str, model: str, ids: list[int], sampling: Sampling) -> Any:
+    async def stream(self, kind: str, req: Any, model: str) -> Any:
+        """A streaming request: first `(status, error body or None)`, then SSE event strings."""
+        try:
+            ids = self._encode(kind, req, model)
+            sampling = self._sampling(req, len(ids))
+        except APIError as exc:
+            yield exc.status, exc.body()
+            return
+        _count(self.m_prompt, len(ids), model)
+        yield 200, None
         id_, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
         if kind == "chat":
             yield sse(chunk(kind, id_, created, model, {"role": "assistant", "content": ""}, None))
@@ -211,34 +201,125 @@ class LLMServer:
                         finish.get("reason", "stop")))
         yield sse("[DONE]")
 
+
+def _unavailable(what: str) -> APIError:
+    return APIError(503, f"{what}; retry in {RETRY_AFTER_S}s", code="service_unavailable",
+                    type_="server_error")
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    """The HTTP ingress: auth, body limits, request validation, routing to LLM replicas."""
+
+    def __init__(self, llm: Any, names: list[str], max_body_bytes: int, api_key_digest: str | None):
+        self.llm = llm
+        self.names = names
+        self.max_body_bytes = max_body_bytes
+        self._key = api_key_digest
+        self._created = int(time.time())
+
+    # -- request plumbing -------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = key_digest(token.strip())
+        # Both sides are fixed-length digests, compared in constant time.
+        if not (hmac.compare_digest(given, self._key) and scheme.lower() == "bearer"):
+            raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
+                           code="invalid_api_key", type_="authentication_error")
+
+    async def _parse(self, request: Request, model: type) -> Any:
+        self._auth(request)
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise APIError(400, f"bad Content-Length header {declared[:32]!r}", code="invalid_request")
+        if declared is not None and int(declared) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        return parse_body(bytes(body), request.headers.get("content-type"), model)
+
+    def _model(self, name: str | None) -> str:
+        if name is None:
+            return self.names[0]
+        if name not in self.names:
+            raise APIError(404, f"model {name!r} is not served here; see GET /v1/models "
+                           f"({', '.join(self.names)})", param="model", code="model_not_found")
+        return name
+
+    async def _answer(self, kind: str, req: Any) -> Any:
+        model = self._model(req.model)
+        if req.stream:
+            return await self._stream(kind, req, model)
+        for attempt in (1, 2):
+            try:
+                status, body = await self.llm.answer.remote(kind, req, model)
+                return body if status == 200 else JSONResponse(body, status_code=status)
+            except REPLICA_LOST:
+                if attempt == 2:
+                    raise _unavailable("the model replica serving this request stopped") from None
+                logger.warning("model replica lost mid-request; retrying once on another")
+            except BackPressureError:
+                raise _unavailable("every model replica's queue is full") from None
+
+    async def _stream(self, kind: str, req: Any, model: str) -> Any:
+        # Before the first event nothing has reached the client, so a lost replica is retried.
+        for attempt in (1, 2):
+            events = self.llm.options(stream=True).stream.remote(kind, req, model)
+            try:
+                status, error = await events.__anext__()
+                break
+            except REPLICA_LOST:
+                if attempt == 2:
+                    raise _unavailable("the model replica serving this request stopped") from None
+            except BackPressureError:
+                raise _unavailable("every model replica's queue is full") from None
+        if status != 200:
+            return JSONResponse(error, status_code=status)
+
+        async def relay() -> Any:
+            try:
+                async for event in events:
+                    yield event
+            except REPLICA_LOST:  # mid-stream: the client already has part of the answer
+                yield sse(_unavailable("the model replica serving this stream stopped").body())
+
+        return StreamingResponse(relay(), media_type="text/event-stream")
+
     # -- routes -----------------------------------------------------------------------------
     @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": self.engine.names}
+    async def health(self) -> Any:
+        try:
+            names = await asyncio.wait_for(self.llm.ping.remote(), timeout=10)
+        except (asyncio.TimeoutError, *REPLICA_LOST, BackPressureError):
+            raise _unavailable("no model replica answered") from None
+        return {"status": "ok", "models": names}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": self._created, "owned_by": "raylm"}
-            for n in self.engine.names]}
+            for n in self.names]}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        req = await self._parse(request, CompletionRequest)
-        model = self._model(req.model)
-        return await self._answer("text", req, model, self.engine.encode_prompt(req.prompt))
+        return await self._answer("text", await self._parse(request, CompletionRequest))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        req = await self._parse(request, ChatRequest)
-        model = self._model(req.model)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        return await self._answer("chat", req, model, self.engine.encode_chat(model, messages))
+        return await self._answer("chat", await self._parse(request, ChatRequest))
 
 
 def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: str | None) -> Any:
-    """A bound Serve application for `models` with the `serve:` section's replica settings."""
+    """A bound Serve application: the Gateway ingress over `LLM` replicas with the `serve:`
+    section's autoscaling, concurrency and resource settings."""
     s = serve_spec
     limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_body_bytes, s.max_batch_size,
                     s.batch_wait_timeout_s)
@@ -249,4 +330,5 @@ def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: st
     }
     if s.max_queued_requests is not None:
         options["max_queued_requests"] = s.max_queued_requests
-    return LLMServer.options(**options).bind(models, asdict(limits), api_key_digest)
+    llm = LLMServer.options(**options).bind(models, asdict(limits))
+    return Gateway.bind(llm, [n for n, _ in models], s.max_body_bytes, api_key_digest)

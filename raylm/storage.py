@@ -100,6 +100,19 @@ def child_dirs(path: str, prefix: str = "") -> list[str]:
     return [uri_of(fs, f"{p.rstrip('/')}/{n}") for n in names]
 
 
+def file_sizes(path: str) -> dict[str, int]:
+    """Size of every file under the directory `path`, keyed by `/`-separated relative path."""
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.Directory:
+        return {}
+    root = p.rstrip("/") + "/"
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(p, recursive=True))
+    return {i.path[len(root):]: i.size for i in infos
+            if i.type == pyarrow.fs.FileType.File and i.path.startswith(root)}
+
+
 def move(src: str, dst: str) -> None:
     """Moves a directory tree (a rename locally; copy + delete on object stores)."""
     fs, s = _fs(src)

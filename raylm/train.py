@@ -157,6 +157,62 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _older_checkpoints(latest: Any) -> list[Any]:
+    """Ray Checkpoints beside `latest` in its run directory with a step at or below its own,
+    newest first: where a resume falls back to when the latest fails its checksums."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from raylm.checkpoint import checkpoint_step
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent, mine = path.rsplit("/", 1)[0], checkpoint_step(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = [i.path.rstrip("/") for i in infos if i.type == pyarrow.fs.FileType.Directory
+             and 0 <= checkpoint_step(i.base_name) <= mine and i.path.rstrip("/") != path]
+    older.sort(key=lambda p: (checkpoint_step(p), p), reverse=True)
+    return [Checkpoint(path=p, filesystem=fs) for p in older]
+
+
+@contextlib.contextmanager
+def _resume_dir(latest: Any, rank: int) -> Any:
+    """A local directory of the newest whole checkpoint, starting from Ray's latest, or None for a
+    fresh start. A checkpoint that fails its checksums is skipped with a warning, never loaded."""
+    from raylm.checkpoint import checkpoint_problems
+
+    if latest is None:
+        yield None
+        return
+    for candidate in [latest, *_older_checkpoints(latest)]:
+        with candidate.as_directory() as local:
+            problems = checkpoint_problems(local)
+            if not problems:
+                if candidate is not latest and rank == 0:
+                    print(f"[raylm] WARNING: resuming from the previous good checkpoint "
+                          f"{candidate.path}", flush=True)
+                yield local
+                return
+        if rank == 0:
+            print(f"[raylm] WARNING: checkpoint {candidate.path} is damaged, not loading it: "
+                  f"{'; '.join(problems)}", flush=True)
+    if rank == 0:
+        print("[raylm] WARNING: no whole checkpoint left; training starts over", flush=True)
+    yield None
+
+
+def _free_name(run_dir: str, name: str) -> str:
+    """`name`, or `name-1`, `name-2`… if a directory of that name is already in the run (a
+    damaged checkpoint a resume skipped): Ray's checkpoint manager keys checkpoints by name."""
+    from raylm.storage import exists, join
+
+    taken, n, out = True, 0, name
+    while taken:
+        out = name if n == 0 else f"{name}-{n}"
+        taken = exists(join(run_dir, out))
+        n += 1
+    return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build, restore, train, evaluate, checkpoint, report."""
     import deepspeed
@@ -168,6 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         read_metadata,
         save_checkpoint,
         save_probe,
+        seal,
     )
     from raylm.data import build_datasets, collate, shard_indices
     from raylm.deepspeed import build_ds_config
@@ -184,22 +241,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train, evals = build_datasets(spec, tok)
     plan = plan_steps(spec, len(train), world)
     step, epoch, history, resumes = 0, 0, [], []
-    resume = ray.train.get_checkpoint()
     # One local copy of the checkpoint serves the weights (before DeepSpeed partitions them)
     # and the optimizer state (after): on cloud storage that is one download, not two.
-    with resume.as_directory() if resume else contextlib.nullcontext() as ckpt_dir:
+    with _resume_dir(ray.train.get_checkpoint(), rank) as ckpt_dir:
         if ckpt_dir:
             load_weights(ckpt_dir, model)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=build_ds_config(spec, world, plan.total_steps))
-        if ckpt_dir:
+        resumed = ckpt_dir is not None
+        if resumed:
             state = load_train_state(ckpt_dir, engine, rank)
             meta = read_metadata(ckpt_dir)
             step, epoch = state["step"], state["epoch"]
             history, resumes = meta.get("history", []), meta.get("resumes", []) + [step]
     engine_ready = time.time()
-    if resume is not None:
+    if resumed:
         if rank == 0 and step >= plan.total_steps:
             print(f"[raylm] {spec.name!r} already finished at step {step}; nothing to train "
                   "(use a new name= to start over)", flush=True)
@@ -275,10 +332,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     },
                     train_state={"step": step, "epoch": next_epoch,
                                  "global_samples": engine.global_samples})
-                if rank == 0:
+                ckpt = None
+                if rank == 0:  # rank 0 holds every file, so one checksums.json covers them all
                     save_probe(tmp, probe_ids, probe_logits)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
+                    seal(tmp)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt,
+                                 checkpoint_dir_name=_free_name(run_uri(spec), f"checkpoint_{step:07d}"))
             window_start = last_report = step_start = time.time()  # nor is eval and checkpoint time
             if step >= plan.total_steps:
                 break
