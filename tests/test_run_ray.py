@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,19 +41,46 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-def test_cli_run_sweeps_gates_serves_and_a_rerun_reuses_the_finished_sweep(ray_cluster, tmp_path):
+def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_finished_sweep(
+        ray_cluster, tmp_path):
+    from .test_tune_ray import tune_state
+
     port = free_port()
     job = write_job(
         tmp_path, name="e2e",
         scaling={"num_workers": 1, "cpus_per_worker": 0.9},
         training={"max_steps": 20, "eval_every": 10},
-        tune={"num_samples": 1, "scheduler": "none", "search": {"training.lr": {"grid": [1e-3, 1e-2]}}},
+        tune={"num_samples": 1, "scheduler": "none", "max_concurrent_trials": 1,
+              "search": {"training.lr": {"grid": [1e-3, 1e-2]}}},
         serve={"port": port, "num_cpus": 0.5, "promote_if": {"eval_loss": {"max": 50.0}}})
+    # The driver is killed (SIGKILL, whole process group) once the first trial has finished.
+    sweep_root = str(tmp_path / "runs" / "e2e" / "sweep")
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "run", job, "--address", ray_cluster],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    deadline = time.time() + 400
+    try:
+        while not any(t["status"] == "TERMINATED" for t in tune_state(sweep_root).values()):
+            assert proc.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = tune_state(sweep_root)
+    finished = {tid: t for tid, t in before.items() if t["status"] == "TERMINATED"}
+    assert len(finished) == 1, before
+    assert not (tmp_path / "runs" / "e2e" / "run.json").exists()  # the sweep stage never completed
+
     first = raylm_cli("run", job, "--detach", "--address", ray_cluster)
     try:
         assert first.returncode == 0, first.stderr[-3000:]
         out = first.stdout
         assert "winner:          sweep: trial" in out and "(reused)" not in out
+        after = tune_state(sweep_root)
+        assert len(after) == 2 and all(t["status"] == "TERMINATED" for t in after.values())
+        for tid, t in finished.items():  # same start and last step: the finished trial did not re-run
+            assert after[tid]["start_time"] == t["start_time"] and after[tid]["step"] == t["step"]
         assert f"url:             http://127.0.0.1:{port}/v1" in out
         assert "[raylm run] stage 2/3 gate: eval_loss=" in out
         sample = next(line for line in out.splitlines() if line.startswith("sample:"))
