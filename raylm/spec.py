@@ -43,7 +43,7 @@ def _raise_problems(title: str, problems: list[Problem]) -> None:
 class Section(BaseModel):
     """Base for every job-file section: unknown keys are errors, so typos never pass silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
