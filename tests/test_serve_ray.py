@@ -79,7 +79,7 @@ def client(served, key: str = KEY):
 def post(url: str, body: bytes | str, headers: dict[str, str] | None = None, method: str = "POST"):
     """Raw HTTP: (status, parsed JSON body)."""
     data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data if method == "POST" else None, method=method,
+    req = urllib.request.Request(url, data=data if method in ("POST", "PUT") else None, method=method,
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {KEY}", **(headers or {})})
     try:
@@ -198,19 +198,88 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("wrong API key", comp, '{"prompt": "x"}', {"Authorization": "Bearer nope"}, 401),
         ("wrong auth scheme", comp, '{"prompt": "x"}', {"Authorization": f"Basic {KEY}"}, 401),
         ("unknown route", url + "/v1/embeddings", '{"input": "x"}', {}, 404),
+        # -- bodies that are not a request object
+        ("empty body", comp, "", {}, 400),
+        ("null body", comp, "null", {}, 400),
+        ("bare string", comp, '"2+2="', {}, 400),
+        ("bare number", comp, "42", {}, 400),
+        ("deeply nested JSON", comp, '{"prompt": ' + "[" * 1500 + "]" * 1500 + "}", {}, 400),
+        ("trailing garbage", comp, '{"prompt": "x"} {"prompt": "y"}', {}, 400),
+        ("single quotes", comp, "{'prompt': 'x'}", {}, 400),
+        ("form content type", comp, "prompt=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ("json content type misspelt", comp, '{"prompt": "x"}', {"Content-Type": "application/jsonx"}, 415),
+        ("latin-1 body", comp, '{"prompt": "caf\xe9"}'.encode("latin-1"), {}, 400),
+        ("truncated utf-8", comp, b'{"prompt": "\xe2\x82"}', {}, 400),
+        # -- wrong types and values, field by field
+        ("prompt list", comp, '{"prompt": ["a", "b"]}', {}, 400),
+        ("prompt number", comp, '{"prompt": 5}', {}, 400),
+        ("prompt null", comp, '{"prompt": null}', {}, 400),
+        ("prompt NUL byte", comp, '{"prompt": "a\\u0000b"}', {}, 400),
+        ("prompt lone surrogate", comp, '{"prompt": "a\\ud800b"}', {}, 400),
+        ("string temperature", comp, '{"prompt": "x", "temperature": "0.5"}', {}, 400),
+        ("temperature 3", comp, '{"prompt": "x", "temperature": 3}', {}, 400),
+        ("Infinity temperature", comp, '{"prompt": "x", "temperature": Infinity}', {}, 400),
+        ("1e400 temperature", comp, '{"prompt": "x", "temperature": 1e400}', {}, 400),
+        ("top_p 1.5", comp, '{"prompt": "x", "top_p": 1.5}', {}, 400),
+        ("max_tokens 0", comp, '{"prompt": "x", "max_tokens": 0}', {}, 400),
+        ("max_tokens -1", comp, '{"prompt": "x", "max_tokens": -1}', {}, 400),
+        ("max_tokens 1.5", comp, '{"prompt": "x", "max_tokens": 1.5}', {}, 400),
+        ("max_tokens true", comp, '{"prompt": "x", "max_tokens": true}', {}, 400),
+        ("max_tokens 10^30", comp, '{"prompt": "x", "max_tokens": 1000000000000000000000000000000}', {}, 400),
+        ("seed -1", comp, '{"prompt": "x", "seed": -1}', {}, 400),
+        ("seed float", comp, '{"prompt": "x", "seed": 1e30}', {}, 400),
+        ("empty stop", comp, '{"prompt": "x", "stop": ""}', {}, 400),
+        ("numeric stop", comp, '{"prompt": "x", "stop": [1]}', {}, 400),
+        ("stream string", comp, '{"prompt": "x", "stream": "yes"}', {}, 400),
+        ("stream null", comp, '{"prompt": "x", "stream": null}', {}, 400),
+        ("empty model name", comp, '{"prompt": "x", "model": ""}', {}, 400),
+        ("numeric model name", comp, '{"prompt": "x", "model": 123}', {}, 400),
+        ("n = 0", comp, '{"prompt": "x", "n": 0}', {}, 400),
+        ("long user", comp, json.dumps({"prompt": "x", "user": "u" * 300}), {}, 400),
+        ("logprobs (unsupported)", comp, '{"prompt": "x", "logprobs": 2}', {}, 400),
+        # -- chat-specific
+        ("messages not a list", chat, '{"messages": {"role": "user", "content": "x"}}', {}, 400),
+        ("message without content", chat, '{"messages": [{"role": "user"}]}', {}, 400),
+        ("numeric content", chat, '{"messages": [{"role": "user", "content": 7}]}', {}, 400),
+        ("message unknown field", chat, '{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}', {}, 400),
+        ("control char in content", chat, '{"messages": [{"role": "user", "content": "a\\u001bb"}]}', {}, 400),
+        ("prompt sent to chat", chat, '{"prompt": "x"}', {}, 400),
+        ("messages sent to completions", comp, '{"messages": [{"role": "user", "content": "x"}]}', {}, 400),
+        ("max_completion_tokens 0", chat, '{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', {}, 400),
+        ("unknown model in chat", chat, '{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', {}, 404),
+        # -- streams refused before the first event (the stream path checks limits too)
+        ("stream with prompt over limit", comp, json.dumps({"prompt": "1" * 200, "stream": True}), {}, 400),
+        ("stream with max_tokens over limit", chat, '{"messages": [{"role": "user", "content": "x"}], '
+         '"max_tokens": 33, "stream": true}', {}, 400),
+        ("stream to unknown model", comp, '{"prompt": "x", "model": "nope", "stream": true}', {}, 404),
+        # -- keys
+        ("bearer without token", comp, '{"prompt": "x"}', {"Authorization": "Bearer"}, 401),
+        ("key with extra text", comp, '{"prompt": "x"}', {"Authorization": f"Bearer {KEY}x"}, 401),
+        ("key only, no scheme", comp, '{"prompt": "x"}', {"Authorization": KEY}, 401),
+        ("unknown versioned route", url + "/v2/completions", '{"prompt": "x"}', {}, 404),
     ]
 
 
 def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
     cases = _bad_requests(served["url"])
-    assert len(cases) >= 20
+    assert len(cases) >= 50
+    statuses = []
     for name, url, body, headers, status in cases:
         got, payload = post(url, body, headers)
+        statuses.append(got)
         assert got == status, (name, got, payload)
         err = payload["error"]
         assert isinstance(err["message"], str) and err["message"] and "type" in err, name
+    for method in ("GET", "PUT", "DELETE"):  # wrong methods on a real route
+        got, payload = post(served["url"] + "/v1/completions", '{"prompt": "x"}', method=method)
+        statuses.append(got)
+        assert got == 405 and payload["error"]["message"], (method, got)
     got, payload = post(served["url"] + "/v1/models", "", {"Authorization": ""}, method="GET")
+    statuses.append(got)
     assert got == 401 and payload["error"]["code"] == "invalid_api_key"
+    assert not [s for s in statuses if s >= 500]
+    print(f"bad HTTP requests: {len(statuses)} sent, {sum(400 <= s < 500 for s in statuses)} 4xx, "
+          f"{sum(s >= 500 for s in statuses)} 5xx")
     # still serving after every one of those
     r = client(served).completions.create(model="srv", prompt="2+2=", max_tokens=4, temperature=0)
     assert r.choices[0].text in ANSWERS.values()
