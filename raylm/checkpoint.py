@@ -367,11 +367,13 @@ def load_for_inference(
     if not Path(directory, "adapter_config.json").exists():
         if more_adapters:
             raise ValueError(f"{directory} holds full weights; extra LoRA adapters need a LoRA checkpoint")
-        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
         return tokenizer, model.eval()
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
     model = PeftModel.from_pretrained(base, directory)
     for i, extra in enumerate(more_adapters, start=1):
         other = inference_metadata(extra).get("base_model")

@@ -170,7 +170,7 @@ def build_model(spec: JobSpec, path: str | None = None) -> PreTrainedModel:
     path = path or resolve_model_path(spec.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(spec), revision=spec.model.revision,
-        trust_remote_code=spec.model.trust_remote_code,
+        trust_remote_code=spec.model.trust_remote_code, use_safetensors=True,  # never unpickle weights
     )
     if spec.model.gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name.

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raylm.checkpoint import best_run_checkpoint, inference_metadata, manifest_path, read_manifest
+from raylm.checkpoint import (
+    best_run_checkpoint,
+    check_checkpoint,
+    inference_metadata,
+    manifest_path,
+    read_manifest,
+    refuse_pickles,
+)
 from raylm.spec import (
     JobSpec,
     JobSpecError,
@@ -85,6 +92,9 @@ def _finish(models: list[tuple[str, str]], serve_spec: ServeSpec, notes: list[st
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
         raise JobSpecError([f"model names must be unique: {names}"], source)
+    for _, directory in models:  # refuse here, before any Ray work, not in a replica
+        refuse_pickles(directory)
+        check_checkpoint(directory)
     meta = inference_metadata(models[0][1])
     sample = "12+7" if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic" else "Hello!"
     return ServePlan(models, serve_spec, sample, notes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -285,6 +286,26 @@ def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
     assert r.choices[0].text in ANSWERS.values()
     with urllib.request.urlopen(served["url"] + "/health", timeout=10) as resp:  # no key needed
         assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_the_api_key_never_reaches_a_log_file(served):
+    import ray
+
+    # Requests with the right key, a wrong one and a malformed header, then read every log.
+    c = client(served)
+    c.completions.create(model="srv", prompt="1+1=", max_tokens=2, temperature=0)
+    post(served["url"] + "/v1/completions", '{"prompt": "x"}', {"Authorization": f"Bearer {KEY}-x"})
+    post(served["url"] + "/v1/completions", '{"prompt": "x"}', {"Authorization": f"Token {KEY}"})
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    time.sleep(2)  # Serve's access log is written asynchronously
+    scanned, leaks = 0, []
+    for root, _, files in os.walk(logs):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                scanned += 1
+                if KEY.encode() in f.read():
+                    leaks.append(name)
+    assert scanned > 10 and not leaks, leaks
 
 
 def test_default_max_tokens_is_16_for_completions_and_the_server_limit_for_chat(served):

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,9 +25,13 @@ from .test_serve_ray import free_port
 pytestmark = pytest.mark.ray
 
 
+SECRET_ENV, SECRET = "RAYLM_SUBMIT_KEY", "sk-submit-7f3a9c1e5b"
+HEAD: dict[str, str] = {}  # the test head's temp dir, for reading its logs
+
+
 def raylm_cli(cwd, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, env={**os.environ, SECRET_ENV: SECRET})
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,7 @@ def head(tmp_path_factory):
     # Its own temp dir: `ray start` records "the current cluster" there, not in /tmp/ray where a
     # later plain `ray.init()` would find this (by then stopped) head and try to join it.
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a limit
+    HEAD["temp_dir"] = temp_dir
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
@@ -91,7 +97,7 @@ def job_dir(tmp_path_factory):
                    data={"train": "data.jsonl", "num_examples": None},
                    scaling={"num_workers": 1, "cpus_per_worker": 1},
                    training={"max_steps": 10, "eval_every": 10},
-                   serve={"port": free_port(), "num_cpus": 0.5})
+                   serve={"port": free_port(), "num_cpus": 0.5, "api_key_env": SECRET_ENV})
     (d / "job.yaml").write_text(yaml.safe_dump(job))
     return d
 
@@ -109,8 +115,12 @@ def test_stage_job_carries_the_job_and_its_data_only(job_dir, tmp_path, monkeypa
     assert carried["training"]["lr"] == 1e-3  # overrides travel inside the job file
     assert carried["storage_path"] == str(job_dir / "cluster-runs")
     assert (tmp_path / "wd" / "files" / "0-data.jsonl").read_bytes() == (job_dir / "data.jsonl").read_bytes()
+    monkeypatch.setenv(SECRET_ENV, SECRET)
     env = build_runtime_env(staged, pip=["optuna"])
-    assert env == {"working_dir": str(tmp_path / "wd"), "pip": ["optuna"]}
+    # the serving key travels by name from this machine's environment, not in the job file
+    assert env == {"working_dir": str(tmp_path / "wd"), "pip": ["optuna"],
+                   "env_vars": {SECRET_ENV: SECRET}}
+    assert SECRET not in (tmp_path / "wd" / "job.yaml").read_text()
     assert entrypoint(["--detach"]) == "raylm run job.yaml --detach"
 
 
@@ -134,7 +144,8 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     assert json.loads((job_dir / "cluster-runs" / "sub" / "run.json").read_text())["stage"] == "train"
     req = urllib.request.Request(f"http://127.0.0.1:{spec_port}/v1/completions",
                                  data=json.dumps({"prompt": "3+4=", "max_tokens": 3}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {SECRET}"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.loads(resp.read())["model"] == "sub"
 
@@ -159,11 +170,29 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     status = raylm_cli(job_dir, "jobs", "status", long_id, "--address", head, timeout=60)
     assert status.stdout.startswith(f"{long_id}: STOPPED")
 
+    # The serving key went through the runtime_env (the server above wanted it) and was never
+    # echoed: not by raylm's commands, not in the job's logs, not in the run's records.
+    said = [out, logs, long, stop, status]
+    assert not [p.args[3:5] for p in said if SECRET in p.stdout + p.stderr]
+    assert SECRET not in listed
+    records = [p for p in (job_dir / "cluster-runs").rglob("*") if p.is_file()]
+    assert records and not [p for p in records if SECRET.encode() in p.read_bytes()]
+    raylm_logs = [p for p in Path(HEAD["temp_dir"]).rglob("job-driver-*.log")]
+    assert raylm_logs and not [p for p in raylm_logs if SECRET.encode() in p.read_bytes()]
 
-def test_jobs_without_the_clusters_token_fail_clearly(head, job_dir):
-    env_token = {"RAY_AUTH_TOKEN": "not-the-token"}
-    out = subprocess.run([sys.executable, "-m", "raylm.cli", "jobs", "list", "--address", head],
-                         capture_output=True, text=True, timeout=60, cwd=job_dir,
-                         env={**os.environ, **env_token})
-    assert out.returncode == 1 and "error: raylm jobs list" in out.stderr
-    assert "token" in out.stderr.lower() or "401" in out.stderr or "unauthor" in out.stderr.lower()
+
+def test_jobs_without_the_clusters_token_fail_clearly(head, job_dir, tmp_path):
+    wrong = {**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}
+    # No token at all: none in the environment and an empty home (no ~/.ray/auth_token).
+    none = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    none["HOME"] = str(tmp_path)
+    for env in (wrong, none):
+        for args in (["jobs", "list"], ["submit", "job.yaml", "--no-wait"]):
+            out = subprocess.run([sys.executable, "-m", "raylm.cli", *args, "--address", head],
+                                 capture_output=True, text=True, timeout=60, cwd=job_dir,
+                                 env={**env, SECRET_ENV: SECRET})
+            assert out.returncode in (1, 2), (args, out.stdout[-500:])
+            err = out.stderr.lower()
+            assert f"raylm {args[0]}" in err or "could not submit" in err, out.stderr[-1000:]
+            assert "token" in err or "401" in err or "unauthor" in err, out.stderr[-1000:]
+            assert "Traceback" not in out.stderr

@@ -1,0 +1,89 @@
+"""Safe defaults, without Ray: pickle-format weights and damaged checkpoints are refused before
+anything starts, model code from a model directory never runs unless the job allows it, and the
+server compares API keys as fixed-length digests in constant time."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from raylm.checkpoint import load_for_inference, seal
+from raylm.models import build_model, materialize_tiny_llama
+from raylm.spec import spec_from_dict
+
+from .conftest import REPO
+
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess:
+    code = ("import sys; from raylm.cli import main; rc = main(sys.argv[1:]); "
+            "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, "serve", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(materialize_tiny_llama(), d)
+    return d
+
+
+def test_a_model_directory_carrying_a_pickle_file_is_refused(model_dir):
+    (model_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really weights")
+    with pytest.raises(ValueError, match="pickle-format files \\['pytorch_model.bin'\\]"):
+        load_for_inference(model_dir)
+    out = serve_cli(str(model_dir))
+    assert out.returncode == 2, out.stderr
+    assert "pytorch_model.bin" in out.stderr and "safetensors only" in out.stderr
+    assert out.stdout.strip().endswith("NO_RAY")  # refused before any Ray work
+
+
+def test_a_checkpoint_that_fails_its_checksums_is_refused_before_serving(model_dir):
+    (model_dir / "raylm.json").write_text(json.dumps({"format": "raylm-checkpoint/1"}))
+    seal(model_dir)
+    weights = model_dir / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors does not match its sha256"):
+        load_for_inference(model_dir)
+    out = serve_cli(str(model_dir))
+    assert out.returncode == 2 and "damaged or incomplete" in out.stderr, out.stderr
+
+
+EVIL_CONFIG = """
+from transformers import LlamaConfig
+import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("model code ran")
+class EvilConfig(LlamaConfig):
+    model_type = "evil"
+"""
+
+
+def test_model_code_in_a_model_directory_never_runs_unless_the_job_trusts_it(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_evil.py").write_text(EVIL_CONFIG)
+    spec = spec_from_dict({"model": {"name_or_path": str(model_dir)}})
+    assert spec.model.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build_model(spec, str(model_dir))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_for_inference(model_dir)
+    assert not (model_dir / "RAN").exists()
+
+
+def test_api_keys_are_compared_as_digests_in_constant_time():
+    from raylm.server import Gateway, key_digest
+
+    source = inspect.getsource(Gateway.func_or_class._auth)
+    assert "hmac.compare_digest" in source and "key_digest(" in source
+    # fixed length whatever the key, so the comparison time cannot depend on the key's length
+    assert len(key_digest("")) == len(key_digest("k" * 10_000)) == 64
+    assert key_digest("secret") != "secret" and "secret" not in key_digest("secret")
