@@ -138,6 +138,7 @@ def test_cli_serve_refuses_bad_settings_and_a_missing_key_before_starting_anythi
 def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
     from concurrent.futures import ThreadPoolExecutor
 
+    from raylm.client import Client, ServerError
     from raylm.models import materialize_tiny_llama
     from raylm.serve import resolve_target, shutdown, start
 
@@ -148,20 +149,38 @@ def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
     # "abc" makes the tiny model count on without stopping: each request holds the replica.
     body = json.dumps({"prompt": "abc", "max_tokens": 400, "temperature": 0}).encode()
 
-    def send(_: int) -> int:
+    def send(_: int) -> tuple[int, str | None, bytes]:
         req = urllib.request.Request(url + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status
+                return resp.status, None, resp.read()
         except urllib.error.HTTPError as err:
-            return err.code
+            return err.code, err.headers.get("Retry-After"), err.read()
+
+    def send_with_client(_: int) -> tuple[int, int]:
+        c = Client(url, retries=1)
+        try:
+            c.completion("abc", max_tokens=400, temperature=0)
+            return 200, c.retried
+        except ServerError as exc:
+            return exc.status, c.retried
 
     try:
         with ThreadPoolExecutor(12) as pool:
-            codes = list(pool.map(send, range(12)))
+            answers = list(pool.map(send, range(12)))
+        codes = [a[0] for a in answers]
         assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
         assert set(codes) <= {200, 503}, codes
-        assert send(0) == 200  # the queue drained; the replica is still there
+        # the gateway's 503: an OpenAI-style JSON error with Retry-After, not a bare text page
+        status, retry_after, raw = next(a for a in answers if a[0] == 503)
+        assert retry_after == "1" and json.loads(raw)["error"]["code"] == "service_unavailable"
+        assert send(0)[0] == 200  # the queue drained; the replica is still there
+        # raylm's client waits Retry-After and tries a 503 once more
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(send_with_client, range(12)))
+        assert {code for code, _ in outcomes} <= {200, 503}, outcomes
+        assert sum(r for _, r in outcomes) >= 1, outcomes
+        assert all(r <= 1 for _, r in outcomes)
     finally:
         shutdown()
