@@ -42,7 +42,7 @@ def tune_state(root: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """A 6-trial lr × rank sweep, killed once a trial has finished, then resumed."""
+    """A 6-trial lr × rank sweep, killed once a trial has finished, then `raylm tune --resume`."""
     tmp = tmp_path_factory.mktemp("sweep")
     job = tiny_job(
         tmp, name="sweep",
@@ -68,9 +68,16 @@ def sweep(ray_cluster, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = tune_state(root)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "tune", str(path), "--resume", "--address", ray_cluster],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = tune_state(root)
+    # Resuming a finished sweep runs nothing more; it hands back the same results to inspect.
     result = run_sweep(spec, resume=True)
-    return {"spec": spec, "before": before, "after": tune_state(root), "result": result,
-            "first_log": open(tmp / "first.log").read()}
+    assert tune_state(root) == after
+    return {"spec": spec, "before": before, "after": after, "result": result,
+            "first_log": open(tmp / "first.log").read(), "resume_log": resumed.stdout}
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
@@ -84,6 +91,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
         assert after[tid]["start_time"] == t["start_time"], tid
         assert after[tid]["step"] == t["step"], tid
     assert "[raylm tune] trial" in sweep["first_log"]  # live sweep progress
+    assert "[raylm tune] trial" in sweep["resume_log"]  # the resumed trials ran in `raylm tune --resume`
 
 
 def test_asha_stops_trials_with_bad_learning_rates_early(sweep):
