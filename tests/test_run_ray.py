@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,30 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def free_killed_jobs_placement_groups(driver_pid: int, wait_s: float = 60.0) -> None:
+    """Waits for Ray to free what a SIGKILLed driver's job held. Ray Train's own cleaner normally
+    removes a dead run's placement group; when it does not, later tests would wait forever for
+    the CPUs, so the leftover is removed here, and said."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_jobs, list_placement_groups
+
+    job_ids = {j.job_id for j in list_jobs() if j.driver_info and j.driver_info.pid == str(driver_pid)}
+    deadline = time.time() + wait_s
+    while True:
+        left = [pg for pg in list_placement_groups(filters=[("state", "=", "CREATED")])
+                if pg.creator_job_id in job_ids]
+        if not left:
+            return
+        if time.time() > deadline:
+            break
+        time.sleep(1)
+    for pg in left:
+        print(f"Ray left placement group {pg.placement_group_id} of the killed job; removing it")
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+
+
 def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_finished_sweep(
         ray_cluster, tmp_path):
     from .test_tune_ray import tune_state
@@ -49,24 +74,28 @@ def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_fin
     job = write_job(
         tmp_path, name="e2e",
         scaling={"num_workers": 1, "cpus_per_worker": 0.9},
-        training={"max_steps": 20, "eval_every": 10},
+        training={"max_steps": 30, "eval_every": 10},
         tune={"num_samples": 1, "scheduler": "none", "max_concurrent_trials": 1,
               "search": {"training.lr": {"grid": [1e-3, 1e-2]}}},
         serve={"port": port, "num_cpus": 0.5, "promote_if": {"eval_loss": {"max": 50.0}}})
-    # The driver is killed (SIGKILL, whole process group) once the first trial has finished.
+    # The driver is killed (SIGKILL, whole process group) once the first trial has finished and
+    # the second has reported its first eval (its workers are up: not mid-start).
     sweep_root = str(tmp_path / "runs" / "e2e" / "sweep")
-    log = open(tmp_path / "killed.log", "w")
+    log_path = tmp_path / "killed.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "run", job, "--address", ray_cluster],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     deadline = time.time() + 400
     try:
-        while not any(t["status"] == "TERMINATED" for t in tune_state(sweep_root).values()):
-            assert proc.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+        while not (any(t["status"] == "TERMINATED" for t in tune_state(sweep_root).values())
+                   and len(set(re.findall(r"\[raylm tune\] trial (\S+) step 0/", log_path.read_text()))) >= 2):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.3)
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    free_killed_jobs_placement_groups(proc.pid)
     before = tune_state(sweep_root)
     finished = {tid: t for tid, t in before.items() if t["status"] == "TERMINATED"}
     assert len(finished) == 1, before
@@ -102,9 +131,9 @@ def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_fin
         assert json.loads((tmp_path / "runs" / "e2e" / "run.json").read_text()) == record
         print(f"re-run with the sweep reused: {rerun_s:.1f}s")
 
-        changed = raylm_cli("run", job, "training.max_steps=30", "--address", ray_cluster, timeout=60)
+        changed = raylm_cli("run", job, "training.max_steps=40", "--address", ray_cluster, timeout=60)
         assert changed.returncode == 2, changed.stdout[-2000:]
-        assert "training.max_steps: 20 → 30" in changed.stderr and "--force" in changed.stderr
+        assert "training.max_steps: 30 → 40" in changed.stderr and "--force" in changed.stderr
     finally:
         down = raylm_cli("shutdown", "--address", ray_cluster, timeout=120)
     assert "stopped the raylm Serve app" in down.stdout
