@@ -30,7 +30,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(spec.training.seed)
     tok, model = build_tokenizer(spec), build_model(spec)
-    train, _ = build_datasets(spec, tok)
+    train = build_datasets(spec, tok).train
     plan = plan_steps(spec, len(train), world)
     use_ds = len(sys.argv) > 3 and sys.argv[3] == "deepspeed"
     if use_ds:

@@ -112,6 +112,38 @@ class ChatRequest(_Request):
         return v
 
 
+MAX_INPUTS = 256
+
+
+class LabelRequest(BaseModel):
+    """`POST /v1/classify` and `/v1/ner`: one text or a list of texts (OpenAI's `input`, as in
+    its moderation and embedding APIs)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, min_length=1, max_length=256)
+    input: str | list[str]
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if not texts:
+            raise ValueError("needs at least one text")
+        if len(texts) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} texts per request")
+        for text in texts:
+            if not text.strip():
+                raise ValueError("texts must not be empty")
+            _clean_text(text, "input")
+        return v
+
+    def texts(self) -> list[str]:
+        """The input as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -173,6 +205,20 @@ def chat_body(model: str, text: str, finish: str, prompt_tokens: int, completion
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                          "logprobs": None, "finish_reason": finish}],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def classify_body(model: str, labels: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
+    """A `/v1/classify` response: per text (in order) its label, score and all class scores."""
+    return {"id": new_id("clf"), "object": "classification", "created": int(time.time()),
+            "model": model, "data": [{"index": i, **x} for i, x in enumerate(labels)],
+            "usage": usage(prompt_tokens, 0)}
+
+
+def ner_body(model: str, entities: list[list[dict[str, Any]]], prompt_tokens: int) -> dict[str, Any]:
+    """A `/v1/ner` response: per text (in order) its entities with character offsets."""
+    return {"id": new_id("ner"), "object": "ner", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "entities": e} for i, e in enumerate(entities)],
+            "usage": usage(prompt_tokens, 0)}
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -21,6 +21,7 @@ uploads it) lacks it or fails it, and is never loaded as if it were whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -347,33 +348,72 @@ def inference_metadata(directory: str | Path) -> dict[str, Any]:
     return read_metadata(directory)
 
 
+def task_of(directory: str | Path) -> str:
+    """What a checkpoint, export or plain HF model directory does: `causal_lm`,
+    `sequence_classification` or `token_classification` (from raylm.json, else config.json)."""
+    meta = inference_metadata(directory)
+    if meta.get("task"):
+        return str(meta["task"])
+    try:
+        architectures = json.loads(Path(directory, "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    for arch in architectures:
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence_classification"
+        if arch.endswith("ForTokenClassification"):
+            return "token_classification"
+    return "causal_lm"
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Any:
+    """Only transformers' errors are logged inside (when `quiet`)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_for_inference(
     directory: str | Path, trust_remote_code: bool = False, more_adapters: Sequence[str | Path] = ()
 ) -> tuple[Any, Any]:
-    """Loads (tokenizer, model) with plain transformers + peft, in eval mode.
+    """Loads (tokenizer, model) with plain transformers + peft, in eval mode, with the task's
+    `AutoModelFor…` head (a classifier's label names from the checkpoint).
 
     `directory` is a raylm checkpoint (LoRA or full), an export, or a plain HF model directory.
     `more_adapters` are further LoRA checkpoints over the same base, loaded as peft adapters
     `"1"`, `"2"`, … next to `"default"`. Raises ValueError for pickles, a checkpoint that fails
     its checksums, or mismatched bases.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from raylm.models import auto_class, label_kwargs
 
     for d in (directory, *more_adapters):
         refuse_pickles(d)
         check_checkpoint(d)
     meta = inference_metadata(directory)
+    auto = auto_class(task_of(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if not Path(directory, "adapter_config.json").exists():
         if more_adapters:
             raise ValueError(f"{directory} holds full weights; extra LoRA adapters need a LoRA checkpoint")
-        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        # A full checkpoint's config.json already names its labels.
+        model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code, use_safetensors=True)
         return tokenizer, model.eval()
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code,
-                                                use_safetensors=True)
+    # The base gets a head of the right size; the adapter's saved copy of the head replaces it,
+    # so transformers' report of a "missing" head is noise here, not news.
+    with _quiet_transformers(meta.get("labels") is not None):
+        base = auto.from_pretrained(meta["base_model"], trust_remote_code=trust_remote_code,
+                                    use_safetensors=True, **label_kwargs(meta.get("labels")))
     model = PeftModel.from_pretrained(base, directory)
     for i, extra in enumerate(more_adapters, start=1):
         other = inference_metadata(extra).get("base_model")
@@ -384,8 +424,9 @@ def load_for_inference(
 
 
 def export_merged(directory: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:
-    """Writes a plain HF model directory (safetensors + tokenizer) that `AutoModelForCausalLM`
-    loads alone: a LoRA adapter is merged into its base; full weights are re-saved.
+    """Writes a plain HF model directory (safetensors + tokenizer) that the task's
+    `AutoModelFor…` class loads alone: a LoRA adapter is merged into its base (a classifier's
+    trained head with it); full weights are re-saved.
 
     Returns `out_dir`; raises FileExistsError rather than overwrite a non-empty directory.
     """

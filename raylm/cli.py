@@ -26,7 +26,8 @@ def _load(args: argparse.Namespace) -> JobSpec | None:
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
-    keys = ("step", "loss", "eval_loss", "perplexity", "exact_match")
+    keys = ("step", "loss", "eval_loss", "perplexity", "exact_match", "accuracy", "macro_f1",
+            "entity_precision", "entity_recall", "entity_f1")
     return ", ".join(
         f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
         for k in keys if k in metrics

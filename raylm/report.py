@@ -6,6 +6,9 @@ import json
 import os
 from typing import Any
 
+# Eval scores in [0, 1] drawn beside the loss curves, when a run reports them.
+SCORES = ("exact_match", "accuracy", "macro_f1", "entity_f1")
+
 
 def write_train_report(run_dir: str, history: list[dict[str, Any]]) -> dict[str, str]:
     """Writes `metrics.jsonl` and `loss_curve.png` into `run_dir`; returns their paths.
@@ -25,7 +28,8 @@ def write_train_report(run_dir: str, history: list[dict[str, Any]]) -> dict[str,
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
-    """Training loss and eval loss against step (and exact match on a second axis if present)."""
+    """Training loss and eval loss against step, and the 0–1 scores the task reports (exact
+    match, accuracy, macro-F1, entity F1) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,11 +46,13 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    em = [(r["step"], r["exact_match"]) for r in history if "exact_match" in r]
-    if em:
+    scores = {name: [(r["step"], r[name]) for r in history if name in r] for name in SCORES}
+    scores = {name: points for name, points in scores.items() if points}
+    if scores:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*em, strict=True), color="tab:green", label="exact match", marker="s")
-        ax2.set_ylabel("exact match")
+        for (name, points), color in zip(scores.items(), ("tab:green", "tab:purple", "tab:red"), strict=False):
+            ax2.plot(*zip(*points, strict=True), color=color, label=name.replace("_", " "), marker="s")
+        ax2.set_ylabel(" / ".join(n.replace("_", " ") for n in scores))
         ax2.set_ylim(0, 1.02)
         more = ax2.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]

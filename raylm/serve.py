@@ -23,6 +23,7 @@ from raylm.checkpoint import (
     manifest_path,
     read_manifest,
     refuse_pickles,
+    task_of,
 )
 from raylm.spec import (
     JobSpec,
@@ -36,7 +37,11 @@ from raylm.spec import (
 from raylm.storage import local_dir
 
 APP_NAME = "raylm"
-ROUTE = "/v1/chat/completions"
+# The route a sample request goes to, and a sample input, per task.
+ROUTES = {"causal_lm": "/v1/chat/completions", "sequence_classification": "/v1/classify",
+          "token_classification": "/v1/ner"}
+SAMPLES = {"causal_lm": "Hello!", "sequence_classification": "What a wonderful film, I would watch it again.",
+           "token_classification": "Maria Garcia flew from Paris to meet the United Nations ."}
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ServePlan:
     spec: ServeSpec
     sample: str = "Hello!"
     notes: list[str] = field(default_factory=list)
+    task: str = "causal_lm"
 
 
 def _is_lora(path: str) -> bool:
@@ -95,9 +101,15 @@ def _finish(models: list[tuple[str, str]], serve_spec: ServeSpec, notes: list[st
     for _, directory in models:  # refuse here, before any Ray work, not in a replica
         refuse_pickles(directory)
         check_checkpoint(directory)
+    tasks = {task_of(d) for _, d in models}
+    if len(tasks) != 1:
+        raise JobSpecError([f"the served models mix tasks {sorted(tasks)}; serve one task per app"], source)
+    task = tasks.pop()
     meta = inference_metadata(models[0][1])
-    sample = "12+7" if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic" else "Hello!"
-    return ServePlan(models, serve_spec, sample, notes)
+    sample = SAMPLES[task]
+    if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic":
+        sample = "12+7"
+    return ServePlan(models, serve_spec, sample, notes, task)
 
 
 def plan_for_job(spec: JobSpec, adapters: Sequence[str] = (), name: str | None = None) -> ServePlan:
@@ -190,6 +202,8 @@ def start(plan: ServePlan, wait_s: float = 60.0) -> str:
 
 
 def _sample_body(plan: ServePlan) -> str:
+    if plan.task != "causal_lm":
+        return json.dumps({"model": plan.models[0][0], "input": plan.sample})
     return json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
                        "max_tokens": 16, "temperature": 0})
 
@@ -198,7 +212,7 @@ def curl_line(plan: ServePlan, url: str) -> str:
     """A ready-to-paste request against the served default model."""
     body = _sample_body(plan)
     auth = f' -H "Authorization: Bearer ${plan.spec.api_key_env}"' if plan.spec.api_key_env else ""
-    return f"curl {url}{ROUTE} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    return f"curl {url}{ROUTES[plan.task]} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
 
 
 def shutdown() -> bool:
@@ -218,11 +232,19 @@ def shutdown() -> bool:
 
 
 def ask(plan: ServePlan, url: str, timeout_s: float = 120.0) -> str:
-    """Sends the plan's sample chat request to the served default model; returns the answer text."""
+    """Sends the plan's sample request to the served default model; returns the answer as text
+    (the reply, the label and its score, or the entities found)."""
     body = _sample_body(plan).encode()
     headers = {"Content-Type": "application/json"}
     if plan.spec.api_key_env:
         headers["Authorization"] = f"Bearer {os.environ.get(plan.spec.api_key_env, '')}"
-    req = urllib.request.Request(url + ROUTE, data=body, headers=headers, method="POST")
+    req = urllib.request.Request(url + ROUTES[plan.task], data=body, headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
+        answer = json.loads(resp.read())
+    if plan.task == "sequence_classification":
+        first = answer["data"][0]
+        return f"{first['label']} ({first['score']:.2f})"
+    if plan.task == "token_classification":
+        found = answer["data"][0]["entities"]
+        return ", ".join(f"{e['entity']} {e['text']!r}" for e in found) or "(no entities)"
+    return answer["choices"][0]["message"]["content"]

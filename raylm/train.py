@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raylm.checkpoint import run_uri
+from raylm.evaluate import all_reduce_sum, evaluate, probe
 from raylm.spec import JobSpec
 from raylm.storage import staged_dir, storage_uri, uri_of
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
-
-PROBE_FALLBACK_TEXT = "The quick brown fox"
-
 
 # ---------------------------------------------------------------------------------------------
 # Worker side
@@ -48,104 +46,6 @@ def plan_steps(spec: JobSpec, n_train: int, world_size: int) -> Plan:
                          "(micro_batch_size × grad_accum × num_workers)")
     total = spec.training.max_steps or per_epoch * spec.training.epochs
     return Plan(per_epoch, total, spec.training.eval_every or min(per_epoch, total))
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _even_shard(items: list[Any], rank: int, world: int) -> list[tuple[Any, bool]]:
-    """Every rank gets the same count (ZeRO-3 forwards are collectives); padding rows count 0."""
-    per = math.ceil(len(items) / world)
-    out = []
-    for i in range(per):
-        j = rank + i * world
-        out.append((items[j % len(items)], j < len(items)))
-    return out
-
-
-def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> dict[str, float]:
-    """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
-    import torch
-
-    from raylm.data import IGNORE_INDEX, collate
-
-    engine.eval()
-    micro = spec.training.micro_batch_size
-    shard = _even_shard(evals, rank, world)
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for i in range(0, len(shard), micro):
-            chunk = shard[i : i + micro]
-            batch = collate([e for e, _ in chunk], tok.pad_token_id)
-            keep = torch.tensor([real for _, real in chunk])
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            labels[~keep] = IGNORE_INDEX
-            per_tok = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
-            loss_sum += per_tok.item()
-            tokens += (labels != IGNORE_INDEX).sum().item()
-        metrics: dict[str, float] = {}
-        loss_sum, tokens = _all_reduce_sum([loss_sum, tokens])
-        metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        if spec.exact_match_enabled:
-            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world)
-    engine.train()
-    return metrics
-
-
-def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> float:
-    from raylm.data import format_prompt
-
-    rows = [e.row for e in evals[: spec.training.eval_max_examples]]
-    shard = _even_shard(rows, rank, world)
-    hits = count = 0.0
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the right edge
-    try:
-        for i in range(0, len(shard), spec.training.micro_batch_size):
-            chunk = shard[i : i + spec.training.micro_batch_size]
-            enc = tok([format_prompt(spec.data.template, r) for r, _ in chunk], return_tensors="pt",
-                      padding=True)
-            out = engine.module.generate(
-                **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)
-            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
-                if real:
-                    text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
-                    hits += text == str(row["output"]).strip()
-                    count += 1
-    finally:
-        tok.padding_side = side
-    hits, count = _all_reduce_sum([hits, count])
-    return hits / max(count, 1.0)
-
-
-def _probe(engine: Any, tok: Any, spec: JobSpec, evals: list[Any]) -> tuple[Any, Any]:
-    """A fixed prompt and the model's last-position logits (a collective under ZeRO-3)."""
-    import torch
-
-    from raylm.data import format_prompt
-
-    if spec.data.format == "instruction" and evals and evals[0].row:
-        text = format_prompt(spec.data.template, evals[0].row)
-    else:
-        text = PROBE_FALLBACK_TEXT
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    engine.eval()
-    with torch.no_grad():
-        logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-    engine.train()
-    return ids[0], logits
 
 
 def _seed_all(seed: int) -> None:
@@ -237,8 +137,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_all(spec.training.seed)
     model_path = resolve_model_path(spec.model.name_or_path)
     tok = build_tokenizer(spec, model_path)
-    model = build_model(spec, model_path)
-    train, evals = build_datasets(spec, tok)
+    data = build_datasets(spec, tok)
+    train, evals, labels = data.train, data.evals, data.labels
+    model = build_model(spec, model_path, labels)
     plan = plan_steps(spec, len(train), world)
     step, epoch, history, resumes = 0, 0, [], []
     # One local copy of the checkpoint serves the weights (before DeepSpeed partitions them)
@@ -264,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[raylm] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True)
     else:
         _seed_all(spec.training.seed + rank)  # dropout streams differ per worker
-        first = {"step": 0, "epoch": 0, **evaluate(engine, tok, evals, spec, rank, world),
+        first = {"step": 0, "epoch": 0, **evaluate(engine, tok, evals, spec, rank, world, labels),
                  "total_steps": plan.total_steps}
         history.append(first)
         ray.train.report(first)
@@ -297,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             # Rank 0 decides whether to report, so every worker reports the same number of times.
             due = float(rank == 0 and time.time() - last_report >= spec.training.report_every_s)
-            loss_sum, tokens, due = _all_reduce_sum([window_loss, float(window_tokens), due])
+            loss_sum, tokens, due = all_reduce_sum([window_loss, float(window_tokens), due])
             if not is_eval and not due:
                 continue
             elapsed = time.time() - window_start
@@ -315,9 +216,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
                 window_start = last_report = step_start = time.time()  # report time is not step time
                 continue
-            metrics.update(evaluate(engine, tok, evals, spec, rank, world))
+            metrics.update(evaluate(engine, tok, evals, spec, rank, world, labels))
             history.append({k: v for k, v in metrics.items() if not k.endswith("_unix")})
-            probe_ids, probe_logits = _probe(engine, tok, spec, evals)
+            probe_ids, probe_logits = probe(engine, tok, spec, evals)
             next_epoch = epoch + 1 if step % plan.steps_per_epoch == 0 else epoch
             with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
                 save_checkpoint(
@@ -326,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "job": spec.name, "step": step, "metrics": metrics, "history": history,
                         "resumes": resumes,
                         "spec": spec.model_dump(mode="json"), "base_model": model_path,
-                        "task": spec.model.task, "data_format": spec.data.format,
+                        "task": spec.model.task, "labels": labels, "data_format": spec.data.format,
                         "template": spec.data.template, "world_size": world,
                         "zero_stage": spec.deepspeed.zero_stage,
                     },
@@ -370,6 +271,7 @@ def _progress_callback() -> Any:
             eta = (total - step) / rate if rate > 0 else float("nan")
             parts = [f"step {step}/{total}"]
             for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("exact_match", ".3f"),
+                             ("accuracy", ".3f"), ("macro_f1", ".3f"), ("entity_f1", ".3f"),
                              ("tokens_per_s", ".0f"), ("lr", ".2e")):
                 if key in m:
                     parts.append(f"{key} {m[key]:{fmt}}")

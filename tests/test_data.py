@@ -127,8 +127,8 @@ def test_build_datasets_with_explicit_eval_and_limit(tmp_path, tok):
     ev.write_text("\n".join(json.dumps({"text": f"eval {i}"}) for i in range(5)))
     spec = spec_from_dict({"data": {"train": str(tr), "eval": str(ev), "format": "text",
                                     "num_examples": 12, "max_length": 16}})
-    train, evals = build_datasets(spec, tok)
-    assert len(train) == 12 and len(evals) == 5
+    data = build_datasets(spec, tok)
+    assert len(data.train) == 12 and len(data.evals) == 5 and data.labels is None
 
 
 def test_rows_missing_fields_are_named(tmp_path, tok):

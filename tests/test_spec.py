@@ -185,15 +185,15 @@ def test_serve_section_problems_are_named_with_their_values():
     with pytest.raises(JobSpecError) as info:
         spec_from_dict({"serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2},
                                   "max_batch_size": 32, "max_ongoing_requests": 16,
-                                  "promote_if": {"accuracy": {"min": 0.5}}}})
+                                  "promote_if": {"bleu": {"min": 0.5}}}})
     text = str(info.value)
     assert "serve.autoscaling.min_replicas=3: must be <= max_replicas (2)" in text
     with pytest.raises(JobSpecError) as info:
         spec_from_dict({"serve": {"max_batch_size": 32, "max_ongoing_requests": 16,
-                                  "promote_if": {"accuracy": {"min": 0.5}, "eval_loss": {"below": 1}}}})
+                                  "promote_if": {"bleu": {"min": 0.5}, "eval_loss": {"below": 1}}}})
     text = str(info.value)
     assert "serve.max_ongoing_requests=16: must be >= max_batch_size (32)" in text
-    assert "serve.promote_if.accuracy" in text and "unknown metric" in text
+    assert "serve.promote_if.bleu" in text and "unknown metric" in text
     assert "serve.promote_if.eval_loss" in text and "{min: x} and/or {max: y}" in text
 
 

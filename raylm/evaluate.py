@@ -1,0 +1,205 @@
+"""Evaluation inside a training run, per task: eval loss and perplexity (+ exact match by greedy
+generation) for causal LM, accuracy and macro-F1 for sequence classification, entity-level
+precision/recall/F1 for NER; and the probe logits a checkpoint keeps.
+
+Every worker scores its shard of the eval set and counts (not ratios) are summed across
+workers, so the metrics are those of the whole eval set whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from raylm.spec import JobSpec
+
+PROBE_FALLBACK_TEXT = "The quick brown fox"
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _even_shard(items: list[Any], rank: int, world: int) -> list[tuple[Any, bool]]:
+    """Every rank gets the same count (ZeRO-3 forwards are collectives); padding rows count 0."""
+    per = math.ceil(len(items) / world)
+    out = []
+    for i in range(per):
+        j = rank + i * world
+        out.append((items[j % len(items)], j < len(items)))
+    return out
+
+
+def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int,
+             labels: list[str] | None = None) -> dict[str, float]:
+    """The job's eval metrics over the whole eval set (a collective: every worker calls it).
+
+    Causal LM: eval_loss, perplexity (+ exact_match); sequence classification: eval_loss,
+    accuracy, macro_f1; token classification: eval_loss, entity_precision/recall/f1.
+    """
+    if spec.model.task == "sequence_classification":
+        return _evaluate_classifier(engine, tok, evals, spec, rank, world, labels or [])
+    if spec.model.task == "token_classification":
+        return _evaluate_tagger(engine, tok, evals, spec, rank, world, labels or [])
+    return _evaluate_lm(engine, tok, evals, spec, rank, world)
+
+
+def _batches(evals: list[Any], spec: JobSpec, rank: int, world: int, pad_id: int) -> Any:
+    """This worker's eval batches: (collated batch, bool tensor of rows that are real)."""
+    import torch
+
+    from raylm.data import collate
+
+    shard = _even_shard(evals, rank, world)
+    micro = spec.training.micro_batch_size
+    for i in range(0, len(shard), micro):
+        chunk = shard[i : i + micro]
+        yield collate([e for e, _ in chunk], pad_id), torch.tensor([real for _, real in chunk])
+
+
+def _evaluate_classifier(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int,
+                         world: int, labels: list[str]) -> dict[str, float]:
+    import torch
+
+    from raylm.metrics import classification_scores
+
+    k = len(labels)
+    engine.eval()
+    loss_sum = count = 0.0
+    matrix = torch.zeros((k, k), dtype=torch.float64)
+    with torch.no_grad():
+        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, truth = logits[keep].float(), batch["labels"][keep]
+            loss_sum += torch.nn.functional.cross_entropy(logits, truth, reduction="sum").item()
+            count += len(truth)
+            for t, p in zip(truth.tolist(), logits.argmax(-1).tolist(), strict=True):
+                matrix[t, p] += 1
+    engine.train()
+    loss_sum, count, *cells = all_reduce_sum([loss_sum, count, *matrix.flatten().tolist()])
+    rows = [cells[i * k : (i + 1) * k] for i in range(k)]
+    return {"eval_loss": loss_sum / max(count, 1.0), **classification_scores(rows)}
+
+
+def _evaluate_tagger(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int,
+                     world: int, labels: list[str]) -> dict[str, float]:
+    import torch
+
+    from raylm.data import IGNORE_INDEX
+    from raylm.metrics import entity_counts, entity_scores
+
+    engine.eval()
+    loss_sum = count = 0.0
+    true_tags: list[list[str]] = []
+    pred_tags: list[list[str]] = []
+    with torch.no_grad():
+        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            truth = batch["labels"]
+            truth[~keep] = IGNORE_INDEX
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), truth.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += (truth != IGNORE_INDEX).sum().item()
+            # One tag per word: the prediction at each word's first sub-token (where labels sit).
+            for row_truth, row_pred in zip(truth, logits.argmax(-1), strict=True):
+                scored = row_truth != IGNORE_INDEX
+                if scored.any():
+                    true_tags.append([labels[i] for i in row_truth[scored].tolist()])
+                    pred_tags.append([labels[i] for i in row_pred[scored].tolist()])
+    engine.train()
+    hits, n_pred, n_true = entity_counts(true_tags, pred_tags)
+    loss_sum, count, hits, n_pred, n_true = all_reduce_sum([loss_sum, count, hits, n_pred, n_true])
+    return {"eval_loss": loss_sum / max(count, 1.0), **entity_scores(hits, n_pred, n_true)}
+
+
+def _evaluate_lm(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> dict[str, float]:
+    """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
+    import torch
+
+    from raylm.data import IGNORE_INDEX, collate
+
+    engine.eval()
+    micro = spec.training.micro_batch_size
+    shard = _even_shard(evals, rank, world)
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, len(shard), micro):
+            chunk = shard[i : i + micro]
+            batch = collate([e for e, _ in chunk], tok.pad_token_id)
+            keep = torch.tensor([real for _, real in chunk])
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            labels[~keep] = IGNORE_INDEX
+            per_tok = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum")
+            loss_sum += per_tok.item()
+            tokens += (labels != IGNORE_INDEX).sum().item()
+        metrics: dict[str, float] = {}
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens])
+        metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        if spec.exact_match_enabled:
+            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world)
+    engine.train()
+    return metrics
+
+
+def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> float:
+    from raylm.data import format_prompt
+
+    rows = [e.row for e in evals[: spec.training.eval_max_examples]]
+    shard = _even_shard(rows, rank, world)
+    hits = count = 0.0
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right edge
+    try:
+        for i in range(0, len(shard), spec.training.micro_batch_size):
+            chunk = shard[i : i + spec.training.micro_batch_size]
+            enc = tok([format_prompt(spec.data.template, r) for r, _ in chunk], return_tensors="pt",
+                      padding=True)
+            out = engine.module.generate(
+                **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)
+            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
+                if real:
+                    text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+                    hits += text == str(row["output"]).strip()
+                    count += 1
+    finally:
+        tok.padding_side = side
+    hits, count = all_reduce_sum([hits, count])
+    return hits / max(count, 1.0)
+
+
+def probe(engine: Any, tok: Any, spec: JobSpec, evals: list[Any]) -> tuple[Any, Any]:
+    """A fixed input and the model's logits for it (a collective under ZeRO-3): the last
+    position's for causal LM, the first eval example's whole output for the classifiers."""
+    import torch
+
+    from raylm.data import format_prompt
+
+    if spec.model.task != "causal_lm":
+        ids = torch.tensor(evals[0].input_ids)
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits[0]
+        engine.train()
+        return ids, logits
+    if spec.data.format == "instruction" and evals and evals[0].row:
+        text = format_prompt(spec.data.template, evals[0].row)
+    else:
+        text = PROBE_FALLBACK_TEXT
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+    engine.train()
+    return ids[0], logits
