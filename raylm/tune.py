@@ -20,7 +20,7 @@ from typing import Any
 
 from raylm.checkpoint import manifest_path, read_manifest, run_uri
 from raylm.spec import JobSpec, _merge, _nest
-from raylm.storage import join, staged_dir, uri_of, write_json
+from raylm.storage import exists, join, staged_dir, uri_of, write_json
 from raylm.train import build_trainer
 
 __all__ = ["manifest_path", "read_manifest", "run_sweep", "sweep_dir"]
@@ -221,7 +221,12 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
             row.update({tu.metric: None, "step": 0, "checkpoint": None, "status": "error"})
             rows.append(row)
             continue
-        with_ckpt = evals[evals["checkpoint_path"].notna()] if "checkpoint_path" in evals else evals.iloc[0:0]
+        with_ckpt = evals.iloc[0:0]
+        if "checkpoint_path" in evals:
+            # Reports name every checkpoint ever saved; Ray keeps only `checkpoint.keep` of them
+            # (on a tie it may keep a later one), so only those still on storage can be promoted.
+            kept = [isinstance(p, str) and exists(uri_of(r.filesystem, p)) for p in evals["checkpoint_path"]]
+            with_ckpt = evals[kept]
         pool = with_ckpt if not with_ckpt.empty else evals
         # By position: a resumed trial's dataframe can repeat index labels.
         best = pool.iloc[int((pool[tu.metric] * sign).to_numpy().argmin())]

