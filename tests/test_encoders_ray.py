@@ -85,6 +85,31 @@ def test_lora_on_minilm_lifts_sentiment_accuracy_far_above_the_untrained_head(se
     assert os.path.exists(os.path.join(result.run_dir, "loss_curve.png"))
 
 
+def test_exported_classifier_loads_alone_in_transformers_and_scores_the_same(sentiment, tmp_path):
+    """`raylm export` merges the adapter and the trained head; plain transformers then gets
+    the training-time accuracy on the eval set, label names included."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec, result = sentiment
+    out = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "raylm.cli", "export", result.best_checkpoint, str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "AutoModelForSequenceClassification.from_pretrained" in done.stdout
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    evals = rows("sentiment")
+    with torch.no_grad():
+        ids = model(**tok([r["text"] for r in evals], return_tensors="pt", padding=True)).logits.argmax(-1)
+    labels = [model.config.id2label[int(i)] for i in ids]
+    accuracy = sum(p == r["label"] for p, r in zip(labels, evals, strict=True)) / len(evals)
+    assert accuracy == pytest.approx(result.best_metrics["accuracy"], abs=0.011)
+
+
 def test_ner_fine_tuning_lifts_entity_f1_far_above_the_untrained_model(ner):
     spec, result = ner
     before, after = result.history[0]["entity_f1"], result.best_metrics["entity_f1"]
@@ -123,8 +148,8 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
         local = Predictor(plan.models)
         texts = [r["text"] for r in rows("sentiment")]
         names = [n for n, _ in plan.models]
-        # 16 clients: chunks of 10 texts and single texts, every model, all at once.
-        jobs = [(names[0], texts[i : i + 10]) for i in range(0, len(texts), 10)]
+        # 16 clients: every model gets the eval set in chunks of 10, plus single texts, all at once.
+        jobs = [(name, texts[i : i + 10]) for name in names for i in range(0, len(texts), 10)]
         jobs += [(name, texts[i]) for i, name in enumerate(names * 8)]
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda j: post(url + "/v1/classify", {"model": j[0], "input": j[1]}), jobs))
@@ -137,11 +162,19 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
                 assert got["label"] == exp.label
                 assert got["score"] == pytest.approx(exp.score, abs=1e-4)
                 assert set(got["scores"]) == {"negative", "positive"}
-        predicted = [d["label"] for _, body in answers[: len(texts) // 10] for d in body["data"]]
-        accuracy = sum(p == r["label"] for p, r in zip(predicted, rows("sentiment"), strict=True)) / len(texts)
-        print(f"\n/v1/classify accuracy on the eval set {accuracy:.3f}; the sweep measured "
-              f"{result.manifest['accuracy']:.3f}")
-        assert accuracy == pytest.approx(result.manifest["accuracy"], abs=0.011)
+        # Each model is its own trial's adapter and head: scored over HTTP, each reproduces the
+        # accuracy its trial measured (the trials differ, so a mixed-up adapter would show).
+        measured = {spec.name: result.manifest["accuracy"]}
+        measured.update({f"{spec.name}-{e['trial_id']}": e["accuracy"] for e in result.manifest["top_k"]})
+        per_model = len(texts) // 10
+        for k, name in enumerate(names):
+            predicted = [d["label"] for _, body in answers[k * per_model : (k + 1) * per_model]
+                         for d in body["data"]]
+            accuracy = sum(p == r["label"] for p, r in zip(predicted, rows("sentiment"), strict=True)) / len(texts)
+            print(f"\n/v1/classify model {name}: accuracy on the eval set {accuracy:.3f}; its trial "
+                  f"measured {measured[name]:.3f}")
+            assert accuracy == pytest.approx(measured[name], abs=0.011)
+        assert len(set(measured.values())) > 1, "the trials should not all score alike"
         # Client mistakes are 4xx JSON errors, and the app keeps answering.
         assert post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0] == 400
         status, body = post(url + "/v1/ner", {"input": "hi"})
