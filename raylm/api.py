@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # C0 controls other than tab/newline/carriage return, and DEL: never meaningful in a prompt.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_STOP = 4
+# The routes that serve each task (the first is where a sample request goes).
+TASK_ROUTES = {"causal_lm": ("/v1/chat/completions", "/v1/completions"),
+               "sequence_classification": ("/v1/classify",), "token_classification": ("/v1/ner",)}
 
 
 class APIError(Exception):

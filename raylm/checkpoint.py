@@ -29,6 +29,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -421,6 +422,38 @@ def load_for_inference(
             raise ValueError(f"{extra} is not a LoRA adapter over {meta['base_model']} (base: {other})")
         model.load_adapter(str(extra), adapter_name=str(i))
     return tokenizer, model.eval()
+
+
+@dataclass
+class Served:
+    """Models loaded for serving: one base with an adapter per served name (or one full model)."""
+
+    names: list[str]
+    metadata: dict[str, dict[str, Any]]
+    tokenizer: Any
+    model: Any
+    adapter: dict[str, str]  # served name → peft adapter name
+    multi: bool  # more than one adapter: each batch must say which
+
+
+def load_served(models: Sequence[tuple[str, str | Path]], trust_remote_code: bool | None = None) -> Served:
+    """Loads (served name, checkpoint dir) pairs, the first being the default, for an inference
+    engine; a name may alias another's dir. `trust_remote_code` None lets the job that trained the
+    first checkpoint decide. Raises ValueError for no models, duplicate names or what
+    `load_for_inference` refuses."""
+    if not models:
+        raise ValueError("no model to serve")
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    paths = list(dict.fromkeys(str(p) for _, p in models))
+    metas = [inference_metadata(p) for _, p in models]
+    if trust_remote_code is None:
+        trust_remote_code = bool(metas[0].get("spec", {}).get("model", {}).get("trust_remote_code"))
+    tokenizer, model = load_for_inference(paths[0], trust_remote_code, paths[1:])
+    # load_for_inference names adapters "default", "1", "2", … in the order of `paths`.
+    adapter = {n: "default" if paths.index(str(p)) == 0 else str(paths.index(str(p))) for n, p in models}
+    return Served(names, dict(zip(names, metas, strict=True)), tokenizer, model, adapter, len(paths) > 1)
 
 
 def export_merged(directory: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:

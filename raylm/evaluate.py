@@ -123,17 +123,12 @@ def _evaluate_lm(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: i
     """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
     import torch
 
-    from raylm.data import IGNORE_INDEX, collate
+    from raylm.data import IGNORE_INDEX
 
     engine.eval()
-    micro = spec.training.micro_batch_size
-    shard = _even_shard(evals, rank, world)
     loss_sum = tokens = 0.0
     with torch.no_grad():
-        for i in range(0, len(shard), micro):
-            chunk = shard[i : i + micro]
-            batch = collate([e for e, _ in chunk], tok.pad_token_id)
-            keep = torch.tensor([real for _, real in chunk])
+        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             labels[~keep] = IGNORE_INDEX

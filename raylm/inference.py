@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.checkpoint import inference_metadata, load_for_inference
+from raylm.checkpoint import load_served
 from raylm.data import generation_prompt_ids
 
 
@@ -57,23 +57,10 @@ class Engine:
     """
 
     def __init__(self, models: Sequence[tuple[str, str]], trust_remote_code: bool | None = None):
-        if not models:
-            raise ValueError("no model to serve")
-        names = [n for n, _ in models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
-        paths = list(dict.fromkeys(str(p) for _, p in models))  # a name may alias another's dir
-        metas = [inference_metadata(path) for _, path in models]
-        if trust_remote_code is None:  # the job that trained the checkpoint decides
-            trust_remote_code = bool(metas[0].get("spec", {}).get("model", {}).get("trust_remote_code"))
-        self.tokenizer, self.model = load_for_inference(paths[0], trust_remote_code, paths[1:])
-        self.names = names
-        # load_for_inference names adapters "default", "1", "2", … in the order of `paths`.
-        self._adapter = {n: ("default" if paths.index(str(p)) == 0 else str(paths.index(str(p))))
-                         for n, p in models}
-        self._multi = len(paths) > 1
-        self._format = {n: (m.get("data_format"), m.get("template")) for n, m in zip(names, metas, strict=True)}
-        self.metadata = dict(zip(names, metas, strict=True))
+        served = load_served(models, trust_remote_code)
+        self.tokenizer, self.model, self.names = served.tokenizer, served.model, served.names
+        self._adapter, self._multi, self.metadata = served.adapter, served.multi, served.metadata
+        self._format = {n: (m.get("data_format"), m.get("template")) for n, m in self.metadata.items()}
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the right edge of every row
         if tok.pad_token_id is None:

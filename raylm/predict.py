@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.checkpoint import inference_metadata, load_for_inference, task_of
+from raylm.checkpoint import load_served, task_of
 from raylm.metrics import bio_spans
 
 CLASSIFIER_TASKS = ("sequence_classification", "token_classification")
@@ -45,29 +45,18 @@ class Predictor:
     """
 
     def __init__(self, models: Sequence[tuple[str, str]], trust_remote_code: bool | None = None):
-        if not models:
-            raise ValueError("no model to serve")
-        names = [n for n, _ in models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
         tasks = {task_of(p) for _, p in models}
         if len(tasks) != 1 or not tasks <= set(CLASSIFIER_TASKS):
             raise ValueError(f"a Predictor serves one classifier task, got {sorted(tasks)}")
         self.task = tasks.pop()
-        paths = list(dict.fromkeys(str(p) for _, p in models))
-        metas = [inference_metadata(p) for _, p in models]
-        if trust_remote_code is None:  # the job that trained the checkpoint decides
-            trust_remote_code = bool(metas[0].get("spec", {}).get("model", {}).get("trust_remote_code"))
-        self.tokenizer, self.model = load_for_inference(paths[0], trust_remote_code, paths[1:])
+        served = load_served(models, trust_remote_code)
+        self.tokenizer, self.model, self.names = served.tokenizer, served.model, served.names
+        self._adapter, self._multi = served.adapter, served.multi
         if not self.tokenizer.is_fast:
             raise ValueError("serving a classifier needs a fast tokenizer (offsets and word ids)")
-        self.names = names
-        self._adapter = {n: ("default" if paths.index(str(p)) == 0 else str(paths.index(str(p))))
-                         for n, p in models}
-        self._multi = len(paths) > 1
         config = self.model.config
         default = [config.id2label[i] for i in range(config.num_labels)]
-        self.labels = {n: list(m.get("labels") or default) for n, m in zip(names, metas, strict=True)}
+        self.labels = {n: list(m.get("labels") or default) for n, m in served.metadata.items()}
         self.context_tokens = int(getattr(config, "max_position_embeddings", 0) or 512)
         # set_adapter swaps the active adapter on the shared module: one forward at a time.
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raylm.api import TASK_ROUTES
 from raylm.checkpoint import (
     best_run_checkpoint,
     check_checkpoint,
@@ -37,9 +38,7 @@ from raylm.spec import (
 from raylm.storage import local_dir
 
 APP_NAME = "raylm"
-# The route a sample request goes to, and a sample input, per task.
-ROUTES = {"causal_lm": "/v1/chat/completions", "sequence_classification": "/v1/classify",
-          "token_classification": "/v1/ner"}
+# A sample input per task (sent to the task's first route in raylm.api.TASK_ROUTES).
 SAMPLES = {"causal_lm": "Hello!", "sequence_classification": "What a wonderful film, I would watch it again.",
            "token_classification": "Maria Garcia flew from Paris to meet the United Nations ."}
 
@@ -212,7 +211,7 @@ def curl_line(plan: ServePlan, url: str) -> str:
     """A ready-to-paste request against the served default model."""
     body = _sample_body(plan)
     auth = f' -H "Authorization: Bearer ${plan.spec.api_key_env}"' if plan.spec.api_key_env else ""
-    return f"curl {url}{ROUTES[plan.task]} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    return f"curl {url}{TASK_ROUTES[plan.task][0]} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
 
 
 def shutdown() -> bool:
@@ -238,7 +237,7 @@ def ask(plan: ServePlan, url: str, timeout_s: float = 120.0) -> str:
     headers = {"Content-Type": "application/json"}
     if plan.spec.api_key_env:
         headers["Authorization"] = f"Bearer {os.environ.get(plan.spec.api_key_env, '')}"
-    req = urllib.request.Request(url + ROUTES[plan.task], data=body, headers=headers, method="POST")
+    req = urllib.request.Request(url + TASK_ROUTES[plan.task][0], data=body, headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         answer = json.loads(resp.read())
     if plan.task == "sequence_classification":

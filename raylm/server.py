@@ -28,6 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
 from raylm.api import (
+    TASK_ROUTES,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -50,9 +51,6 @@ app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
 # A model replica that died with the request on it; the request itself was fine.
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
 RETRY_AFTER_S = 1
-# The routes that serve each task.
-TASK_ROUTES = {"causal_lm": "POST /v1/completions or /v1/chat/completions",
-               "sequence_classification": "POST /v1/classify", "token_classification": "POST /v1/ner"}
 
 
 @app.exception_handler(APIError)
@@ -277,7 +275,7 @@ class Gateway:
     async def _parse(self, request: Request, model: type, task: str) -> Any:
         self._auth(request)
         if task != self.task:  # before the body: a body for another route would only confuse
-            raise APIError(400, f"this server serves a {self.task} model: use {TASK_ROUTES[self.task]}",
+            raise APIError(400, f"this server serves a {self.task} model: use POST {' or '.join(TASK_ROUTES[self.task])}",
                            code="unsupported_route")
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
