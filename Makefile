@@ -6,7 +6,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+LINTED := raylm tests bench jobs
+
+.PHONY: install demo test lint mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +23,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/raylm run jobs/quickstart.yaml --serve-for 0
 
-test: install
+test: install lint
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check raylm tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from raylm.data import build_datasets, collate, shard_indices
+from raylm.job import load_job
 from raylm.models import build_model, build_tokenizer
-from raylm.spec import load_job
-from raylm.train import plan_steps
+from raylm.training.loop import plan_steps
 
 
 def main() -> None:
@@ -36,22 +36,29 @@ def main() -> None:
     if use_ds:
         import deepspeed
 
-        from raylm.deepspeed import build_ds_config
+        from raylm.training.ds_config import build_ds_config
 
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=build_ds_config(spec, world, plan.total_steps))
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=build_ds_config(spec, world, plan.total_steps),
+        )
     else:
         ddp = DistributedDataParallel(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.training.lr)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=spec.training.lr
+        )
     micro = spec.training.micro_batch_size
     times, first_step, step, epoch = [], None, 0, 0
     while step < plan.total_steps:
-        order = shard_indices(len(train), rank, world, epoch, spec.training.seed,
-                              plan.steps_per_epoch * micro)
+        order = shard_indices(
+            len(train), rank, world, epoch, spec.training.seed, plan.steps_per_epoch * micro
+        )
         for m in range(len(order) // micro):
             t = time.time()
-            batch = collate([train[i] for i in order[m * micro : (m + 1) * micro]], tok.pad_token_id)
+            batch = collate(
+                [train[i] for i in order[m * micro : (m + 1) * micro]], tok.pad_token_id
+            )
             if use_ds:
                 loss = engine(**batch).loss
                 engine.backward(loss)
@@ -72,8 +79,14 @@ def main() -> None:
     if rank == 0:
         skip = min(20, len(times) // 4)  # warm-up steps are not steady state
         with open(sys.argv[2], "w") as f:
-            json.dump({"first_step_unix": first_step, "steps": step,
-                       "step_time_p50_s": statistics.median(times[skip:])}, f)
+            json.dump(
+                {
+                    "first_step_unix": first_step,
+                    "steps": step,
+                    "step_time_p50_s": statistics.median(times[skip:]),
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

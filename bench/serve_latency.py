@@ -43,7 +43,7 @@ def ask(conn: http.client.HTTPConnection, prompt: str, max_tokens: int) -> dict:
 
 
 def deploy(target: str, settings: list[str]) -> None:
-    from raylm.serve import resolve_target, start
+    from raylm.serving.deploy import resolve_target, start
 
     start(resolve_target(target, [f"serve.port={PORT}", *settings]))
 
@@ -52,7 +52,7 @@ def replicas(state: str = "RUNNING") -> int:
     from ray import serve
 
     app = serve.status().applications.get("raylm")
-    return app.deployments["LLM"].replica_states.get(state, 0) if app else 0
+    return app.deployments["Model"].replica_states.get(state, 0) if app else 0
 
 
 def make_wide_model(path: str) -> str:
@@ -64,10 +64,18 @@ def make_wide_model(path: str) -> str:
 
     if not os.path.exists(os.path.join(path, "config.json")):
         tok = build_char_tokenizer()
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688,
-                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
@@ -77,7 +85,7 @@ def make_wide_model(path: str) -> str:
 def latency(target: str, n: int) -> dict:
     import torch
 
-    from raylm.inference import Engine, Sampling
+    from raylm.serving.engine import Engine, Sampling
 
     # A replica with num_cpus: 1 runs torch on one thread (Ray sets OMP_NUM_THREADS): match it.
     threads = torch.get_num_threads()
@@ -105,13 +113,24 @@ def latency(target: str, n: int) -> dict:
     local_p50, http_p50 = statistics.median(local[10:]), statistics.median(remote[10:])
     # /health goes through the same proxy, replica and FastAPI app without touching the model:
     # it splits the overhead into "getting there" and "the model call inside a busy replica".
-    return {"requests": n, "in_process_p50_ms": local_p50 * 1e3, "http_p50_ms": http_p50 * 1e3,
-            "http_overhead_ms": (http_p50 - local_p50) * 1e3, "health_p50_ms": statistics.median(health[10:]) * 1e3,
-            "same_text": same, "goal_ms": 5.0}
+    return {
+        "requests": n,
+        "in_process_p50_ms": local_p50 * 1e3,
+        "http_p50_ms": http_p50 * 1e3,
+        "http_overhead_ms": (http_p50 - local_p50) * 1e3,
+        "health_p50_ms": statistics.median(health[10:]) * 1e3,
+        "same_text": same,
+        "goal_ms": 5.0,
+    }
 
 
-def load(clients: int, seconds: float | None, per_client: int | None, stop: threading.Event | None = None,
-         max_tokens: int = 16) -> dict:
+def load(
+    clients: int,
+    seconds: float | None,
+    per_client: int | None,
+    stop: threading.Event | None = None,
+    max_tokens: int = 16,
+) -> dict:
     """`clients` threads on keep-alive connections; returns completions, errors and wall time."""
     done, errors = [0], []
     lock = threading.Lock()
@@ -119,8 +138,11 @@ def load(clients: int, seconds: float | None, per_client: int | None, stop: thre
     def worker(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
         k, end = 0, (time.monotonic() + seconds) if seconds else None
-        while (per_client is None or k < per_client) and (end is None or time.monotonic() < end) \
-                and not (stop and stop.is_set()):
+        while (
+            (per_client is None or k < per_client)
+            and (end is None or time.monotonic() < end)
+            and not (stop and stop.is_set())
+        ):
             try:
                 ask(conn, f"{i} {k} {i + k}", max_tokens)
                 with lock:
@@ -143,7 +165,10 @@ def load(clients: int, seconds: float | None, per_client: int | None, stop: thre
 def throughput(target: str, per_client: int, max_tokens: int) -> dict:
     out: dict = {"max_tokens": max_tokens}
     for batch in (1, 16):
-        deploy(target, ["serve.num_cpus=1", f"serve.max_batch_size={batch}", "serve.max_ongoing_requests=32"])
+        deploy(
+            target,
+            ["serve.num_cpus=1", f"serve.max_batch_size={batch}", "serve.max_ongoing_requests=32"],
+        )
         load(16, None, 2, max_tokens=max_tokens)  # warm-up
         out[f"batch_{batch}"] = load(16, None, per_client, max_tokens=max_tokens)
     out["ratio"] = out["batch_16"]["per_s"] / out["batch_1"]["per_s"]
@@ -152,11 +177,21 @@ def throughput(target: str, per_client: int, max_tokens: int) -> dict:
 
 
 def scaling(target: str, max_replicas: int) -> dict:
-    deploy(target, ["serve.num_cpus=0.5", "serve.max_batch_size=4", "serve.max_ongoing_requests=8",
-                    "serve.autoscaling.min_replicas=1", f"serve.autoscaling.max_replicas={max_replicas}",
-                    "serve.autoscaling.target_ongoing_requests=2", "serve.autoscaling.upscale_delay_s=1",
-                    "serve.autoscaling.downscale_delay_s=5", "serve.autoscaling.metrics_interval_s=0.5",
-                    "serve.autoscaling.look_back_period_s=2"])
+    deploy(
+        target,
+        [
+            "serve.num_cpus=0.5",
+            "serve.max_batch_size=4",
+            "serve.max_ongoing_requests=8",
+            "serve.autoscaling.min_replicas=1",
+            f"serve.autoscaling.max_replicas={max_replicas}",
+            "serve.autoscaling.target_ongoing_requests=2",
+            "serve.autoscaling.upscale_delay_s=1",
+            "serve.autoscaling.downscale_delay_s=5",
+            "serve.autoscaling.metrics_interval_s=0.5",
+            "serve.autoscaling.look_back_period_s=2",
+        ],
+    )
     stop = threading.Event()
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(load(16, None, None, stop)), daemon=True)
@@ -183,45 +218,71 @@ def scaling(target: str, max_replicas: int) -> dict:
             down = time.monotonic() - t1
             break
         time.sleep(0.25)
-    return {"max_replicas": max_replicas, "scale_up_s": up, "upscale_decided_s": decided, "scale_down_s": down,
-            "goal_up_s": 10.0, "goal_down_s": 30.0, "load": result,
-            "trace": [t for i, t in enumerate(trace) if i == 0 or t[1] != trace[i - 1][1]]}
+    return {
+        "max_replicas": max_replicas,
+        "scale_up_s": up,
+        "upscale_decided_s": decided,
+        "scale_down_s": down,
+        "goal_up_s": 10.0,
+        "goal_down_s": 30.0,
+        "load": result,
+        "trace": [t for i, t in enumerate(trace) if i == 0 or t[1] != trace[i - 1][1]],
+    }
 
 
 def main() -> None:
     import ray
 
     from raylm.models import materialize_tiny_llama
-    from raylm.serve import shutdown
+    from raylm.serving.deploy import shutdown
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=None, help="checkpoint or model dir (default: builtin tiny Llama)")
+    parser.add_argument(
+        "--target", default=None, help="checkpoint or model dir (default: builtin tiny Llama)"
+    )
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--per-client", type=int, default=12)
     parser.add_argument("--max-replicas", type=int, default=min(4, os.cpu_count() * 2))
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "serve_latency.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(REPO, "bench", "results", "serve_latency.json")
+    )
     args = parser.parse_args()
     target = args.target or str(materialize_tiny_llama())
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     try:
         wide = make_wide_model(os.path.join(tempfile.gettempdir(), "raylm-bench-wide-llama"))
-        result = {"target": target, "cpus": os.cpu_count(), "latency": latency(target, args.requests),
-                  "throughput": throughput(target, args.per_client, 16),
-                  "throughput_wide_model": throughput(wide, args.per_client, 32),
-                  "scaling": scaling(target, args.max_replicas)}
+        result = {
+            "target": target,
+            "cpus": os.cpu_count(),
+            "latency": latency(target, args.requests),
+            "throughput": throughput(target, args.per_client, 16),
+            "throughput_wide_model": throughput(wide, args.per_client, 32),
+            "scaling": scaling(target, args.max_replicas),
+        }
     finally:
         shutdown()
     lat, sc = result["latency"], result["scaling"]
-    print(f"latency:    in-process p50 {lat['in_process_p50_ms']:.2f} ms, HTTP p50 {lat['http_p50_ms']:.2f} ms "
-          f"→ overhead {lat['http_overhead_ms']:.2f} ms (goal ≤ 5; /health alone {lat['health_p50_ms']:.2f} ms), "
-          f"same text: {lat['same_text']}")
+    print(
+        f"latency:    in-process p50 {lat['in_process_p50_ms']:.2f} ms, "
+        f"HTTP p50 {lat['http_p50_ms']:.2f} ms "
+        f"→ overhead {lat['http_overhead_ms']:.2f} ms "
+        f"(goal ≤ 5; /health alone {lat['health_p50_ms']:.2f} ms), "
+        f"same text: {lat['same_text']}"
+    )
     for key in ("throughput", "throughput_wide_model"):
         thr = result[key]
-        print(f"{key}: batch 1 {thr['batch_1']['per_s']:.1f}/s, batch 16 {thr['batch_16']['per_s']:.1f}/s "
-              f"→ {thr['ratio']:.2f}× (goal ≥ 3), errors {thr['batch_1']['errors'] + thr['batch_16']['errors']}")
-    print(f"scaling:    1 → {sc['max_replicas']} in {sc['scale_up_s']} s (goal ≤ 10; new replicas requested "
-          f"at {sc['upscale_decided_s']} s), back to 1 in "
-          f"{sc['scale_down_s']} s (goal ≤ 30); trace (s, replicas) {sc['trace']}")
+        print(
+            f"{key}: batch 1 {thr['batch_1']['per_s']:.1f}/s, "
+            f"batch 16 {thr['batch_16']['per_s']:.1f}/s "
+            f"→ {thr['ratio']:.2f}× (goal ≥ 3), "
+            f"errors {thr['batch_1']['errors'] + thr['batch_16']['errors']}"
+        )
+    print(
+        f"scaling:    1 → {sc['max_replicas']} in {sc['scale_up_s']} s "
+        f"(goal ≤ 10; new replicas requested "
+        f"at {sc['upscale_decided_s']} s), back to 1 in "
+        f"{sc['scale_down_s']} s (goal ≤ 30); trace (s, replicas) {sc['trace']}"
+    )
     write_result(args.out, result)
 
 

@@ -1,35 +1,49 @@
 """raylm: fine-tune, tune and serve language models on Ray from one YAML job file.
 
 The Python API mirrors the CLI: `load_job` → `run` (or `train` / `tune`) → `serve` / `shutdown`.
-Heavy libraries load on first call, so `import raylm` stays light.
+Heavy libraries load on first call, so `import raylm` stays light. No submodule shares a name
+with these functions (the stages live in `raylm.training`, `raylm.tuning`, `raylm.serving`), so
+they stay callable whatever else has been imported.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raylm.spec import JobSpec, JobSpecError, load_job
+from raylm.errors import GateFailed, JobSpecError, RaylmError
+from raylm.job import JobSpec, load_job
 
 if TYPE_CHECKING:
     from raylm.pipeline import RunResult
-    from raylm.serve import ServePlan
-    from raylm.train import TrainResult
-    from raylm.tune import SweepResult
+    from raylm.serving.deploy import ServePlan
+    from raylm.training.trainer import TrainResult
+    from raylm.tuning.sweep import SweepResult
 
-__all__ = ["JobSpec", "JobSpecError", "load_job", "run", "serve", "shutdown", "train", "tune"]
+__all__ = [
+    "GateFailed",
+    "JobSpec",
+    "JobSpecError",
+    "RaylmError",
+    "load_job",
+    "run",
+    "serve",
+    "shutdown",
+    "train",
+    "tune",
+]
 __version__ = "0.1.0"
 
 
 def train(spec: JobSpec) -> TrainResult:
     """`raylm train`: trains the job on Ray (a local Ray if none is initialised)."""
-    from raylm.train import run_train
+    from raylm.training.trainer import run_train
 
     return run_train(spec)
 
 
 def tune(spec: JobSpec, resume: bool = False) -> SweepResult:
     """`raylm tune`: runs (or resumes) the job's sweep and promotes the best trial."""
-    from raylm.tune import run_sweep
+    from raylm.tuning.sweep import run_sweep
 
     return run_sweep(spec, resume=resume)
 
@@ -37,7 +51,7 @@ def tune(spec: JobSpec, resume: bool = False) -> SweepResult:
 def run(spec: JobSpec, force: bool = False, serve: bool = True) -> RunResult:
     """`raylm run`: sweep or train → gate → serve the winner → answer a sample request.
 
-    Finished stages are reused; raises raylm.pipeline.GateFailed when the gate refuses the winner.
+    Finished stages are reused; raises GateFailed when the gate refuses the winner.
     """
     from raylm.pipeline import run_job
 
@@ -45,9 +59,10 @@ def run(spec: JobSpec, force: bool = False, serve: bool = True) -> RunResult:
 
 
 def serve(target: str | JobSpec) -> tuple[ServePlan, str]:
-    """`raylm serve`: serves a job (file or JobSpec), checkpoint or export dir; returns (plan, URL)."""
+    """`raylm serve`: serves a job (file or JobSpec), checkpoint or export dir; returns
+    (plan, URL)."""
     from raylm.cluster import ensure_ray
-    from raylm.serve import plan_for_job, resolve_target, start
+    from raylm.serving.deploy import plan_for_job, resolve_target, start
 
     plan = plan_for_job(target) if isinstance(target, JobSpec) else resolve_target(target)
     ensure_ray()
@@ -56,6 +71,6 @@ def serve(target: str | JobSpec) -> tuple[ServePlan, str]:
 
 def shutdown() -> bool:
     """`raylm shutdown`: deletes the `raylm` Serve app; returns whether one was running."""
-    from raylm.serve import shutdown as stop
+    from raylm.serving.deploy import shutdown as stop
 
     return stop()

@@ -26,13 +26,15 @@ class ServerError(Exception):
 
 
 class Client:
-    """`Client("http://127.0.0.1:8000", api_key=...)`; `.completion()`, `.chat()`, `.models()`.
+    """`Client("http://127.0.0.1:8000", api_key=...)`; `.completion()`, `.chat()`, `.classify()`,
+    `.ner()`, `.models()`.
 
     `retries` is how many times a 503 is retried (default once); `retried` counts retries made.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0,
-                 retries: int = 1):
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout_s: float = 120.0, retries: int = 1
+    ):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key, self.timeout_s, self.retries = api_key, timeout_s, retries
         self.retried = 0
@@ -42,7 +44,9 @@ class Client:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        req = urllib.request.Request(
+            self.base_url + path, data=data, headers=headers, method=method
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
@@ -76,10 +80,24 @@ class Client:
         body = {"prompt": prompt, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/completions", body)
 
-    def chat(self, messages: list[dict[str, str]], model: str | None = None, **params: Any) -> dict[str, Any]:
+    def chat(
+        self, messages: list[dict[str, str]], model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         """POST /v1/chat/completions; returns the response body."""
         body = {"messages": messages, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/chat/completions", body)
+
+    def classify(self, texts: str | list[str], model: str | None = None) -> dict[str, Any]:
+        """POST /v1/classify (a sequence classifier): a label and class scores per text."""
+        return self.request(
+            "POST", "/v1/classify", {"input": texts, **({"model": model} if model else {})}
+        )
+
+    def ner(self, texts: str | list[str], model: str | None = None) -> dict[str, Any]:
+        """POST /v1/ner (a token classifier): entities with character offsets per text."""
+        return self.request(
+            "POST", "/v1/ner", {"input": texts, **({"model": model} if model else {})}
+        )
 
     def models(self) -> list[str]:
         """The served model names."""

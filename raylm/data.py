@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raylm.spec import JobSpec, is_bio_tag
+from raylm.builtins import ARITHMETIC
+from raylm.job import JobSpec
+from raylm.job.checks import is_bio_tag
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +45,9 @@ class Datasets:
     labels: list[str] | None = None
 
 
-def builtin_arithmetic(n: int = ARITHMETIC_DEFAULT_SIZE, seed: int = ARITHMETIC_SEED) -> list[dict[str, str]]:
+def builtin_arithmetic(
+    n: int = ARITHMETIC_DEFAULT_SIZE, seed: int = ARITHMETIC_SEED
+) -> list[dict[str, str]]:
     """`n` distinct addition problems (instruction/input/output), the same for a given seed.
 
     Operands are below 50, so every answer is a short exact string a model can be scored on.
@@ -57,9 +61,11 @@ def builtin_arithmetic(n: int = ARITHMETIC_DEFAULT_SIZE, seed: int = ARITHMETIC_
     ]
 
 
-def load_records(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict[str, Any]]:
+def load_records(
+    source: str, split: str = "train", trust_remote_code: bool = False
+) -> list[dict[str, Any]]:
     """Reads rows from a local file, a `save_to_disk` dir, a hub dataset or a builtin set."""
-    if source == "builtin:arithmetic":
+    if source == ARITHMETIC:
         return builtin_arithmetic()
     import datasets
 
@@ -67,7 +73,9 @@ def load_records(source: str, split: str = "train", trust_remote_code: bool = Fa
     suffix = os.path.splitext(path)[1].lower()
     if os.path.isfile(path) and suffix in _FILE_BUILDERS:
         ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+    elif any(
+        os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")
+    ):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
@@ -75,7 +83,10 @@ def load_records(source: str, split: str = "train", trust_remote_code: bool = Fa
         # A hub dataset or a local directory of data files: the same `load_dataset` call.
         # Newer `datasets` dropped dataset scripts and with them `trust_remote_code`.
         kwargs = {}
-        if trust_remote_code and "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
+        if (
+            trust_remote_code
+            and "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
+        ):
             kwargs["trust_remote_code"] = True
         ds = datasets.load_dataset(path, split=split, **kwargs)
     return [dict(r) for r in ds]
@@ -92,7 +103,7 @@ def split_records(
 
 
 def format_prompt(template: str, row: Mapping[str, Any]) -> str:
-    """Fills `{instruction}` and `{input}`; plain replace, so other braces in a template are kept."""
+    """Fills `{instruction}` and `{input}`; plain replace, so other braces in a template stay."""
     return template.replace("{instruction}", str(row.get("instruction", ""))).replace(
         "{input}", str(row.get("input", "") or "")
     )
@@ -104,7 +115,9 @@ def _ids(out: Any) -> list[int]:
 
 
 def generation_prompt_ids(
-    tok: PreTrainedTokenizerBase, data_format: str | None, template: str | None,
+    tok: PreTrainedTokenizerBase,
+    data_format: str | None,
+    template: str | None,
     messages: list[Mapping[str, str]],
 ) -> list[int]:
     """Token ids that ask a model for the next assistant turn, in the format it was trained on.
@@ -117,11 +130,15 @@ def generation_prompt_ids(
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         return tok(format_prompt(template, {"instruction": last_user}))["input_ids"]
     if getattr(tok, "chat_template", None):
-        return _ids(tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
+        return _ids(
+            tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+        )
     return tok("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
 
 
-def tokenize_instruction(tok: PreTrainedTokenizerBase, template: str, row: Mapping[str, Any], max_length: int) -> Example:
+def tokenize_instruction(
+    tok: PreTrainedTokenizerBase, template: str, row: Mapping[str, Any], max_length: int
+) -> Example:
     """Prompt + output + eos; the loss sees only the output and eos."""
     prompt = tok(format_prompt(template, row))["input_ids"]
     answer = tok(str(row["output"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -130,7 +147,9 @@ def tokenize_instruction(tok: PreTrainedTokenizerBase, template: str, row: Mappi
     return Example(ids, labels, dict(row))
 
 
-def tokenize_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int) -> Example:
+def tokenize_chat(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
+) -> Example:
     """The chat template over all turns; the loss sees only assistant turns.
 
     Each assistant span is found by rendering the conversation up to the turn (with the
@@ -142,7 +161,9 @@ def tokenize_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        start = len(_ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
+        start = len(
+            _ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True))
+        )
         end = len(_ids(tok.apply_chat_template(messages[: i + 1], tokenize=True)))
         labels[start:end] = ids[start:end]
     return Example(ids[:max_length], labels[:max_length], {"messages": messages})
@@ -196,7 +217,9 @@ def label_names(spec: JobSpec, rows: list[dict[str, Any]]) -> list[str] | None:
             raise ValueError(f"NER tags must be `O`, `B-TYPE` or `I-TYPE`; found {bad[:5]}")
         names.sort(key=lambda t: (t != "O", t[2:], t[:1]))
     if m.num_labels is not None and m.num_labels != len(names):
-        raise ValueError(f"model.num_labels is {m.num_labels} but the data has {len(names)} labels {names}")
+        raise ValueError(
+            f"model.num_labels is {m.num_labels} but the data has {len(names)} labels {names}"
+        )
     return names
 
 
@@ -208,17 +231,23 @@ def _label_id(value: Any, names: list[str], where: str) -> int:
     raise ValueError(f"{where}: label {value!r} is not one of {names}")
 
 
-def tokenize_classification(tok: PreTrainedTokenizerBase, text: str, label: int, max_length: int) -> Example:
+def tokenize_classification(
+    tok: PreTrainedTokenizerBase, text: str, label: int, max_length: int
+) -> Example:
     """A text and its class id; text past `max_length` tokens is cut."""
     ids = tok(text, truncation=True, max_length=max_length)["input_ids"]
     return Example(list(ids), [], {"text": text}, label)
 
 
-def tokenize_ner(tok: PreTrainedTokenizerBase, words: list[str], tags: list[int], max_length: int) -> Example:
+def tokenize_ner(
+    tok: PreTrainedTokenizerBase, words: list[str], tags: list[int], max_length: int
+) -> Example:
     """Words and their tag ids: each word's first sub-token carries its tag, the other sub-tokens
     and special tokens IGNORE_INDEX (no loss, not scored). Words cut by `max_length` are lost."""
     if not tok.is_fast:
-        raise ValueError("NER data needs a fast tokenizer (word alignment); this model has a slow one")
+        raise ValueError(
+            "NER data needs a fast tokenizer (word alignment); this model has a slow one"
+        )
     enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_length)
     labels, prev = [], None
     for w in enc.word_ids():
@@ -227,8 +256,12 @@ def tokenize_ner(tok: PreTrainedTokenizerBase, words: list[str], tags: list[int]
     return Example(list(enc["input_ids"]), labels, {"tokens": list(words), "tags": list(tags)})
 
 
-def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
-                  labels: list[str] | None = None) -> list[Example]:
+def tokenize_rows(
+    spec: JobSpec,
+    tok: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    labels: list[str] | None = None,
+) -> list[Example]:
     """Tokenizes rows in the job's format (classifier rows against `labels`); raises ValueError
     naming a row missing its fields or holding an unknown label."""
     d = spec.data
@@ -252,25 +285,33 @@ def tokenize_rows(spec: JobSpec, tok: PreTrainedTokenizerBase, rows: list[dict[s
     return out
 
 
-def _tokenize_labelled(spec: JobSpec, tok: PreTrainedTokenizerBase, row: dict[str, Any], i: int,
-                       labels: list[str]) -> Example:
+def _tokenize_labelled(
+    spec: JobSpec, tok: PreTrainedTokenizerBase, row: dict[str, Any], i: int, labels: list[str]
+) -> Example:
     d = spec.data
     if d.format == "classification":
         if d.text_field not in row or d.label_field not in row:
-            raise ValueError(f"row {i} lacks the {d.text_field!r}/{d.label_field!r} fields: {sorted(row)}")
+            raise ValueError(
+                f"row {i} lacks the {d.text_field!r}/{d.label_field!r} fields: {sorted(row)}"
+            )
         label = _label_id(row[d.label_field], labels, f"row {i}")
         return tokenize_classification(tok, str(row[d.text_field]), label, d.max_length)
     if d.tokens_field not in row or d.tags_field not in row:
-        raise ValueError(f"row {i} lacks the {d.tokens_field!r}/{d.tags_field!r} fields: {sorted(row)}")
+        raise ValueError(
+            f"row {i} lacks the {d.tokens_field!r}/{d.tags_field!r} fields: {sorted(row)}"
+        )
     words, tags = list(row[d.tokens_field]), list(row[d.tags_field])
     if len(words) != len(tags) or not words:
-        raise ValueError(f"row {i} has {len(words)} words and {len(tags)} tags; needs one tag per word")
+        raise ValueError(
+            f"row {i} has {len(words)} words and {len(tags)} tags; needs one tag per word"
+        )
     ids = [_label_id(t, labels, f"row {i} word {j}") for j, t in enumerate(tags)]
     return tokenize_ner(tok, [str(w) for w in words], ids, d.max_length)
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenates examples and cuts full `max_length` rows (the tail that doesn't fill one is dropped)."""
+    """Concatenates examples and cuts full `max_length` rows (a tail that doesn't fill one is
+    dropped)."""
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
     return [
@@ -305,7 +346,9 @@ def steps_per_epoch(n_examples: int, spec: JobSpec, world_size: int) -> int:
     return n_examples // (micro * world_size) // spec.training.grad_accum
 
 
-def shard_indices(n: int, rank: int, world_size: int, epoch: int, seed: int, per_rank: int) -> list[int]:
+def shard_indices(
+    n: int, rank: int, world_size: int, epoch: int, seed: int, per_rank: int
+) -> list[int]:
     """This worker's `per_rank` example indices for `epoch`: a seeded shuffle, split by rank."""
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)

@@ -27,7 +27,9 @@ def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def entity_counts(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> tuple[int, int, int]:
+def entity_counts(
+    true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]
+) -> tuple[int, int, int]:
     """(correct entities, predicted entities, true entities) over aligned tag sequences."""
     hits = n_pred = n_true = 0
     for t, p in zip(true, pred, strict=True):
@@ -65,4 +67,7 @@ def classification_scores(matrix: Sequence[Sequence[float]]) -> dict[str, float]
         n_true, n_pred = sum(matrix[c]), sum(matrix[r][c] for r in range(k))
         if n_true or n_pred:
             f1s.append(2 * matrix[c][c] / (n_true + n_pred))
-    return {"accuracy": hits / total if total else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+    return {
+        "accuracy": hits / total if total else 0.0,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+    }

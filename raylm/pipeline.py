@@ -13,28 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylm.checkpoint import META_FILE, run_uri
-from raylm.serve import ServePlan
-from raylm.spec import JobSpec, settings_diff, training_settings
+from raylm.checkpoint import read_metadata, run_uri
+from raylm.errors import GateFailed, NotReady, RaylmError, SettingsChanged
+from raylm.job import JobSpec, settings_diff, training_settings, upgrade_settings
+from raylm.serving.deploy import ServePlan
 from raylm.storage import exists, join, move, read_json, write_json
 
+__all__ = ["GateFailed", "NotReady", "RunResult", "SettingsChanged", "Winner", "run_job"]
 RUN_RECORD = "run.json"
-
-
-class GateFailed(RuntimeError):
-    """The winner's metrics do not meet `serve.promote_if`; nothing is served."""
-
-    def __init__(self, failures: list[str]) -> None:
-        super().__init__("the evaluation gate refused the winner: " + "; ".join(failures))
-        self.failures = failures
-
-
-class NotReady(ValueError):
-    """The job cannot start as given; found before any Ray work, so nothing was started."""
-
-
-class SettingsChanged(NotReady):
-    """A finished run of this job name was trained with other settings."""
 
 
 @dataclass
@@ -90,27 +76,26 @@ def gate_failures(promote_if: dict[str, dict[str, float]], metrics: dict[str, An
 def check_ready(spec: JobSpec, force: bool, serve: bool) -> dict[str, Any] | None:
     """Checks that need no Ray: the serving API key is set (when serving) and a finished run
     is reusable. Returns the record to reuse, if any; raises NotReady / SettingsChanged."""
-    from raylm.serve import api_key_digest
+    from raylm.serving.deploy import api_key_digest
 
     if serve and spec.serve is not None:
-        try:
-            api_key_digest(spec.serve)  # a missing key fails now, not after training
-        except ValueError as exc:
-            raise NotReady(str(exc)) from None
+        api_key_digest(spec.serve)  # a missing key fails now (NotReady), not after training
     return check_reuse(spec, force)
 
 
 def check_reuse(spec: JobSpec, force: bool) -> dict[str, Any] | None:
-    """The record to reuse, if any. Raises SettingsChanged when the job changed (and not `force`)."""
+    """The record to reuse, if any. Raises SettingsChanged when the job changed (unless
+    `force`)."""
     record = read_record(spec)
     if record is None or force:
         return None
-    changed = settings_diff(record.get("settings", {}), training_settings(spec))
+    changed = settings_diff(upgrade_settings(record.get("settings", {})), training_settings(spec))
     if changed:
         raise SettingsChanged(
             f"job {spec.name!r} already finished under {run_uri(spec)} with other settings "
             f"({'; '.join(changed[:8])}{' …' if len(changed) > 8 else ''}); run with --force to "
-            f"train again (the old run is moved aside, not deleted), or give the job a new name")
+            f"train again (the old run is moved aside, not deleted), or give the job a new name"
+        )
     return record if exists(record["checkpoint"]) else None
 
 
@@ -123,36 +108,50 @@ def _move_aside(spec: JobSpec) -> str | None:
     return dst
 
 
-def train_stage(spec: JobSpec, force: bool = False,
-                record: dict[str, Any] | None = None) -> tuple[Winner, str | None]:
+def train_stage(
+    spec: JobSpec, force: bool = False, record: dict[str, Any] | None = None
+) -> tuple[Winner, str | None]:
     """Sweeps or trains, records and returns the winner — or returns `record`'s (from
     `check_reuse`) when given. Returns (winner, where an old run was moved by `force`)."""
     if record is not None:
-        return Winner(record["stage"], record["checkpoint"], record["metrics"], record["detail"], True), None
+        return Winner(
+            record["stage"], record["checkpoint"], record["metrics"], record["detail"], True
+        ), None
     moved = _move_aside(spec) if force else None
     if spec.tune is not None and spec.tune.search:
         from ray import tune
 
-        from raylm.tune import run_sweep, sweep_dir
+        from raylm.tuning.sweep import run_sweep, sweep_dir
 
         resume = tune.Tuner.can_restore(join(sweep_dir(spec), "tuner"))
-        _say(("resuming the interrupted sweep" if resume else "sweeping") + f" {list(spec.tune.search)}")
+        _say(
+            ("resuming the interrupted sweep" if resume else "sweeping")
+            + f" {list(spec.tune.search)}"
+        )
         m = run_sweep(spec, resume=resume).manifest
         stage, ckpt = "sweep", m["checkpoint"]
         detail = f"trial {m['trial_id']} {m['config']} ({m['metric']}={m[m['metric']]:.4g})"
     else:
-        from raylm.train import run_train
+        from raylm.training.trainer import run_train
 
         _say("training")
         result = run_train(spec)
         if result.best_checkpoint is None:
-            raise RuntimeError(f"training {spec.name!r} finished without a checkpoint")
+            raise RaylmError(f"training {spec.name!r} finished without a checkpoint")
         stage, ckpt = "train", result.best_checkpoint
         detail = f"best checkpoint by {spec.checkpoint.metric}"
-    metrics = read_json(join(ckpt, META_FILE)).get("metrics", {})
-    write_json(join(run_uri(spec), RUN_RECORD), {
-        "stage": stage, "checkpoint": ckpt, "metrics": metrics, "detail": detail,
-        "settings": training_settings(spec), "finished_unix": time.time()})
+    metrics = read_metadata(ckpt).get("metrics", {})
+    write_json(
+        join(run_uri(spec), RUN_RECORD),
+        {
+            "stage": stage,
+            "checkpoint": ckpt,
+            "metrics": metrics,
+            "detail": detail,
+            "settings": training_settings(spec),
+            "finished_unix": time.time(),
+        },
+    )
     return Winner(stage, ckpt, metrics, detail), moved
 
 
@@ -163,26 +162,36 @@ def check_gate(spec: JobSpec, winner: Winner) -> None:
         raise GateFailed(failures)
 
 
-def run_job(spec: JobSpec, force: bool = False, serve: bool = True, address: str | None = None,
-            persistent: bool = False) -> RunResult:
+def run_job(
+    spec: JobSpec,
+    force: bool = False,
+    serve: bool = True,
+    address: str | None = None,
+    persistent: bool = False,
+) -> RunResult:
     """The whole pipeline; see the module docstring. Ray is the current one, else `ensure_ray`'s
     (`address`, or a local Ray — a persistent head with `persistent`).
 
-    Raises NotReady/SettingsChanged (before any Ray work), raylm.cluster.StorageError,
-    GateFailed, or the stage's own error. With `serve`, the `raylm` Serve app is left running;
-    `raylm.serve.shutdown()` stops it.
+    Raises NotReady/SettingsChanged (before any Ray work), StorageError, GateFailed, or the
+    stage's own error. With `serve`, the `raylm` Serve app is left running;
+    `raylm.shutdown()` stops it.
     """
     from raylm.cluster import ensure_ray
-    from raylm.serve import ask, plan_for_job, start
+    from raylm.serving.deploy import ask, plan_for_job, start
 
     record = check_ready(spec, force, serve)
     ensure_ray(address, persistent=persistent)
     winner, moved = train_stage(spec, force, record)
-    _say(f"stage 1/3 {winner.stage}: {'reused finished run' if winner.reused else 'done'} — "
-         f"{winner.detail}")
+    _say(
+        f"stage 1/3 {winner.stage}: {'reused finished run' if winner.reused else 'done'} — "
+        f"{winner.detail}"
+    )
     check_gate(spec, winner)
     bounds = spec.serve.promote_if if spec.serve else {}
-    _say("stage 2/3 gate: " + (", ".join(f"{k}={winner.metrics[k]:.4g} ok" for k in bounds) or "none set"))
+    _say(
+        "stage 2/3 gate: "
+        + (", ".join(f"{k}={winner.metrics[k]:.4g} ok" for k in bounds) or "none set")
+    )
     result = RunResult(winner, moved_aside=moved)
     if not serve:
         return result

@@ -1,4 +1,5 @@
-"""Run reports a person can read: metrics.jsonl and a loss-curve PNG beside the checkpoints."""
+"""Reports a person can read: a training run's metrics.jsonl and loss-curve PNG beside its
+checkpoints, and a sweep's ranked table, results.csv/json, heatmap and eval-curve PNGs."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 import os
 from typing import Any
 
+from raylm.tasks import METRICS
+
 # Eval scores in [0, 1] drawn beside the loss curves, when a run reports them.
-SCORES = ("exact_match", "accuracy", "macro_f1", "entity_f1")
+SCORES = tuple(name for name, m in METRICS.items() if m.score)
 
 
 def write_train_report(run_dir: str, history: list[dict[str, Any]]) -> dict[str, str]:
@@ -50,8 +53,12 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str) -> None:
     scores = {name: points for name, points in scores.items() if points}
     if scores:
         ax2 = ax.twinx()
-        for (name, points), color in zip(scores.items(), ("tab:green", "tab:purple", "tab:red"), strict=False):
-            ax2.plot(*zip(*points, strict=True), color=color, label=name.replace("_", " "), marker="s")
+        for (name, points), color in zip(
+            scores.items(), ("tab:green", "tab:purple", "tab:red"), strict=False
+        ):
+            ax2.plot(
+                *zip(*points, strict=True), color=color, label=name.replace("_", " "), marker="s"
+            )
         ax2.set_ylabel(" / ".join(n.replace("_", " ") for n in scores))
         ax2.set_ylim(0, 1.02)
         more = ax2.get_legend_handles_labels()
@@ -73,24 +80,52 @@ def _short(value: Any) -> str:
 def format_sweep_table(rows: list[dict[str, Any]], metric: str, params: list[str]) -> str:
     """The ranked trials as a text table: rank, trial, searched values, metric, steps, status."""
     header = ["#", "trial", *params, metric, "steps", "status"]
-    body = [[str(i + 1), r["trial_id"], *(_short(r.get(p)) for p in params),
-             _short(r.get(metric)) if r.get(metric) is not None else "-",
-             f"{r.get('step', 0)}/{r.get('total_steps', '?')}", r.get("status", "?")]
-            for i, r in enumerate(rows)]
+    body = [
+        [
+            str(i + 1),
+            r["trial_id"],
+            *(_short(r.get(p)) for p in params),
+            _short(r.get(metric)) if r.get(metric) is not None else "-",
+            f"{r.get('step', 0)}/{r.get('total_steps', '?')}",
+            r.get("status", "?"),
+        ]
+        for i, r in enumerate(rows)
+    ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def write_sweep_report(out_dir: str, rows: list[dict[str, Any]], metric: str, params: list[str]) -> dict[str, str]:
-    """Writes results.csv, results.json, heatmap.png and curves.png into `out_dir`; returns paths."""
+def write_sweep_report(
+    out_dir: str, rows: list[dict[str, Any]], metric: str, params: list[str]
+) -> dict[str, str]:
+    """Writes results.csv, results.json, heatmap.png and curves.png into `out_dir`; returns
+    their paths."""
     import csv
 
     os.makedirs(out_dir, exist_ok=True)
-    files = {k: os.path.join(out_dir, f) for k, f in (
-        ("csv", "results.csv"), ("json", "results.json"), ("heatmap", "heatmap.png"),
-        ("curves", "curves.png"))}
-    columns = ["rank", "trial_id", *params, metric, "best_step", "step", "total_steps", "status", "checkpoint"]
+    files = {
+        k: os.path.join(out_dir, f)
+        for k, f in (
+            ("csv", "results.csv"),
+            ("json", "results.json"),
+            ("heatmap", "heatmap.png"),
+            ("curves", "curves.png"),
+        )
+    }
+    columns = [
+        "rank",
+        "trial_id",
+        *params,
+        metric,
+        "best_step",
+        "step",
+        "total_steps",
+        "status",
+        "checkpoint",
+    ]
     with open(files["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -111,7 +146,9 @@ def _axis(values: list[Any]) -> tuple[list[float], list[str] | None]:
     return [float(labels.index(os.path.basename(str(v)) or str(v))) for v in values], labels
 
 
-def plot_sweep_heatmap(rows: list[dict[str, Any]], metric: str, params: list[str], path: str) -> None:
+def plot_sweep_heatmap(
+    rows: list[dict[str, Any]], metric: str, params: list[str], path: str
+) -> None:
     """The metric over the first two searched fields (a log axis for learning rates)."""
     import matplotlib
 

@@ -95,8 +95,11 @@ def child_dirs(path: str, prefix: str = "") -> list[str]:
     if fs.get_file_info(p).type != pyarrow.fs.FileType.Directory:
         return []
     infos = fs.get_file_info(pyarrow.fs.FileSelector(p))
-    names = sorted(i.base_name for i in infos
-                   if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix)
+    )
     return [uri_of(fs, f"{p.rstrip('/')}/{n}") for n in names]
 
 
@@ -109,8 +112,11 @@ def file_sizes(path: str) -> dict[str, int]:
         return {}
     root = p.rstrip("/") + "/"
     infos = fs.get_file_info(pyarrow.fs.FileSelector(p, recursive=True))
-    return {i.path[len(root):]: i.size for i in infos
-            if i.type == pyarrow.fs.FileType.File and i.path.startswith(root)}
+    return {
+        i.path[len(root) :]: i.size
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File and i.path.startswith(root)
+    }
 
 
 def move(src: str, dst: str) -> None:
@@ -149,8 +155,9 @@ def local_dir(path: str, cache: str | None = None, filesystem: Any = None) -> st
         fs, p = _fs(path)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         return p
-    root = cache or os.path.join(os.environ.get("RAYLM_CACHE", os.path.expanduser("~/.cache/raylm")),
-                                 "remote")
+    root = cache or os.path.join(
+        os.environ.get("RAYLM_CACHE", os.path.expanduser("~/.cache/raylm")), "remote"
+    )
     target = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(target, ".complete")):
         return target

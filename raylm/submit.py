@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from raylm.spec import BUILTIN_PREFIX, LOCAL_SOURCE_FIELDS, JobSpec
+from raylm.builtins import is_builtin
+from raylm.errors import InputError
+from raylm.job import LOCAL_SOURCE_FIELDS, JobSpec
 from raylm.storage import is_uri
 
 JOB_FILE = "job.yaml"
@@ -67,8 +69,13 @@ def _copy_source(value: str, dest_root: Path, copied: dict[str, str]) -> str:
 
 
 def _is_local(value: Any) -> bool:
-    return (isinstance(value, str) and not value.startswith(BUILTIN_PREFIX) and "://" not in value
-            and os.path.isabs(value) and os.path.exists(value))
+    return (
+        isinstance(value, str)
+        and not is_builtin(value)
+        and "://" not in value
+        and os.path.isabs(value)
+        and os.path.exists(value)
+    )
 
 
 def cluster_storage_path(storage_path: str) -> str:
@@ -83,7 +90,7 @@ def cluster_storage_path(storage_path: str) -> str:
 def stage_job(spec: JobSpec, out_dir: str | Path) -> StagedJob:
     """Writes `job.yaml` and copies of the local files it names into `out_dir`.
 
-    Raises ValueError when the copies would be too large to submit.
+    Raises InputError when the copies would be too large to submit.
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -97,20 +104,26 @@ def stage_job(spec: JobSpec, out_dir: str | Path) -> StagedJob:
             dist = data["tune"]["search"][dotted]
             for kind, values in dist.items():
                 if isinstance(values, list):
-                    dist[kind] = [_copy_source(v, root, copied) if _is_local(v) else v for v in values]
+                    dist[kind] = [
+                        _copy_source(v, root, copied) if _is_local(v) else v for v in values
+                    ]
     notes = []
     storage = cluster_storage_path(spec.storage_path)
     if storage != spec.storage_path:
-        notes.append(f"storage_path {spec.storage_path!r} is local to this machine; on the cluster runs "
-                     f"go to {storage} (use an s3:// or gs:// URI for multi-node clusters)")
+        notes.append(
+            f"storage_path {spec.storage_path!r} is local to this machine; on the cluster runs "
+            f"go to {storage} (use an s3:// or gs:// URI for multi-node clusters)"
+        )
     data["storage_path"] = storage
     header = f"# raylm submit: job {spec.name!r} as validated on the submitting machine\n"
     (root / JOB_FILE).write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     total = _size(root)
     if total > MAX_STAGED_BYTES:
-        raise ValueError(f"the files this job names weigh {total / 2**20:.0f} MiB (limit "
-                         f"{MAX_STAGED_BYTES / 2**20:.0f} MiB): put them on storage every node reads "
-                         f"(s3://, gs://, a hub id) and name that instead")
+        raise InputError(
+            f"the files this job names weigh {total / 2**20:.0f} MiB (limit "
+            f"{MAX_STAGED_BYTES / 2**20:.0f} MiB): put them on storage every node reads "
+            f"(s3://, gs://, a hub id) and name that instead"
+        )
     return StagedJob(str(root), spec, [(k, v) for k, v in copied.items()], notes)
 
 
@@ -119,7 +132,9 @@ def entrypoint(run_args: Sequence[str] = ()) -> str:
     return shlex.join(["raylm", "run", JOB_FILE, *run_args])
 
 
-def build_runtime_env(staged: StagedJob, pip: Sequence[str] = (), env_names: Sequence[str] = ()) -> dict[str, Any]:
+def build_runtime_env(
+    staged: StagedJob, pip: Sequence[str] = (), env_names: Sequence[str] = ()
+) -> dict[str, Any]:
     """Ray's runtime_env for the job: the working_dir, pip packages by name, and env vars taken
     from this machine by name (the serving API key is carried when the job names one)."""
     names = list(env_names)
@@ -140,30 +155,45 @@ def dashboard_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
 
 
-def client(address: str | None) -> Any:
-    """A JobSubmissionClient that sends Ray's auth token when one is available.
+def auth_token() -> str | None:
+    """Ray's auth token, found where `ray.init` finds it: RAY_AUTH_TOKEN, the file named by
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token. None when RAY_AUTH_MODE=disabled or none exists."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
-    Like `ray.init` attaching to a cluster, token auth is switched on for this process when
-    RAY_AUTH_MODE is unset and a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token); Ray's client then adds the header itself.
-    """
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
+
+def jobs_client(address: str | None) -> Any:
+    """A JobSubmissionClient for the cluster's Jobs API, sending Ray's auth token (if one is
+    found) as the `Authorization: Bearer` header the dashboard checks."""
     from ray.job_submission import JobSubmissionClient
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    return JobSubmissionClient(dashboard_address(address))
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(dashboard_address(address), headers=headers)
 
 
-def submit(c: Any, staged: StagedJob, run_args: Sequence[str] = (), pip: Sequence[str] = (),
-           env_names: Sequence[str] = ()) -> str:
+def submit(
+    c: Any,
+    staged: StagedJob,
+    run_args: Sequence[str] = (),
+    pip: Sequence[str] = (),
+    env_names: Sequence[str] = (),
+) -> str:
     """Submits the staged job through client `c`; returns its id (`raylm-<name>-<time>-<rand>`)."""
     job_id = f"raylm-{staged.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     return c.submit_job(
-        entrypoint=entrypoint(run_args), submission_id=job_id,
+        entrypoint=entrypoint(run_args),
+        submission_id=job_id,
         runtime_env=build_runtime_env(staged, pip, env_names),
-        metadata={"raylm_job": staged.spec.name})
+        metadata={"raylm_job": staged.spec.name},
+    )
 
 
 def follow(c: Any, job_id: str) -> str:
@@ -194,7 +224,14 @@ def list_jobs(c: Any) -> list[dict[str, Any]]:
     """Jobs on the cluster, newest first: id, status, entrypoint, start time, raylm job name."""
     rows = []
     for j in c.list_jobs():
-        rows.append({"id": j.submission_id or j.job_id, "status": str(j.status.value),
-                     "entrypoint": j.entrypoint, "start_time": (j.start_time or 0) / 1000,
-                     "job": (j.metadata or {}).get("raylm_job", ""), "message": j.message or ""})
+        rows.append(
+            {
+                "id": j.submission_id or j.job_id,
+                "status": str(j.status.value),
+                "entrypoint": j.entrypoint,
+                "start_time": (j.start_time or 0) / 1000,
+                "job": (j.metadata or {}).get("raylm_job", ""),
+                "message": j.message or "",
+            }
+        )
     return sorted(rows, key=lambda r: r["start_time"], reverse=True)

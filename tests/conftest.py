@@ -15,11 +15,22 @@ def tiny_job(tmp_path: Any, **sections: Any) -> dict[str, Any]:
     job: dict[str, Any] = {
         "name": "t",
         "storage_path": str(tmp_path / "runs"),
-        "data": {"train": "builtin:arithmetic", "template": "{instruction}=", "max_length": 32,
-                 "num_examples": 800},
+        "data": {
+            "train": "builtin:arithmetic",
+            "template": "{instruction}=",
+            "max_length": 32,
+            "num_examples": 800,
+        },
         "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"max_steps": 40, "eval_every": 20, "micro_batch_size": 8, "lr": 3e-3,
-                     "eval_max_examples": 16, "max_new_tokens": 4, "report_every_s": 1.0},
+        "training": {
+            "max_steps": 40,
+            "eval_every": 20,
+            "micro_batch_size": 8,
+            "lr": 3e-3,
+            "eval_max_examples": 16,
+            "eval_max_new_tokens": 4,
+            "report_every_s": 1.0,
+        },
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
     }

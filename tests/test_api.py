@@ -8,36 +8,46 @@ import json
 
 import pytest
 
-from raylm.api import APIError, ChatRequest, CompletionRequest, LabelRequest, chunk, parse_body
-from raylm.inference import Engine, Sampling, cut_at_stop
+from raylm.serving.engine import Engine, Sampling, cut_at_stop
+from raylm.serving.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    LabelRequest,
+    chunk,
+    parse_body,
+)
 
 JSON = "application/json"
 
 
-@pytest.mark.parametrize(("raw", "ctype", "status", "param"), [
-    (b'{"prompt": "hi"', JSON, 400, None),
-    (b'{"prompt": "hi", "temperature": NaN}', JSON, 400, None),
-    (b'{"prompt": "hi", "top_p": Infinity}', JSON, 400, None),
-    (b'{"prompt": "hi", "temperature": 1e999}', JSON, 400, "temperature"),
-    (b'\xff\xfe{"prompt": "hi"}', JSON, 400, None),
-    (b'["prompt"]', JSON, 400, None),
-    (b'{"prompt": "hi"}', "text/plain", 415, None),
-    (b'{"prompt": "hi"}', None, 415, None),
-    (b'{"prompt": ""}', JSON, 400, "prompt"),
-    (b'{"prompt": 12}', JSON, 400, "prompt"),
-    (b'{"prompt": "a\\u0000b"}', JSON, 400, "prompt"),
-    (b'{"prompt": "hi", "max_tokens": "5"}', JSON, 400, "max_tokens"),
-    (b'{"prompt": "hi", "max_tokens": 0}', JSON, 400, "max_tokens"),
-    (b'{"prompt": "hi", "max_tokens": true}', JSON, 400, "max_tokens"),
-    (b'{"prompt": "hi", "temperature": 2.5}', JSON, 400, "temperature"),
-    (b'{"prompt": "hi", "top_p": 0}', JSON, 400, "top_p"),
-    (b'{"prompt": "hi", "stop": ["a","b","c","d","e"]}', JSON, 400, "stop"),
-    (b'{"prompt": "hi", "stop": [""]}', JSON, 400, "stop"),
-    (b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
-    (b'{"prompt": "hi", "n": 2}', JSON, 400, "n"),
-    (b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
-    (b'{"prompt": "hi", "logprobs": 3}', JSON, 400, "logprobs"),
-])
+@pytest.mark.parametrize(
+    ("raw", "ctype", "status", "param"),
+    [
+        (b'{"prompt": "hi"', JSON, 400, None),
+        (b'{"prompt": "hi", "temperature": NaN}', JSON, 400, None),
+        (b'{"prompt": "hi", "top_p": Infinity}', JSON, 400, None),
+        (b'{"prompt": "hi", "temperature": 1e999}', JSON, 400, "temperature"),
+        (b'\xff\xfe{"prompt": "hi"}', JSON, 400, None),
+        (b'["prompt"]', JSON, 400, None),
+        (b'{"prompt": "hi"}', "text/plain", 415, None),
+        (b'{"prompt": "hi"}', None, 415, None),
+        (b'{"prompt": ""}', JSON, 400, "prompt"),
+        (b'{"prompt": 12}', JSON, 400, "prompt"),
+        (b'{"prompt": "a\\u0000b"}', JSON, 400, "prompt"),
+        (b'{"prompt": "hi", "max_tokens": "5"}', JSON, 400, "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": 0}', JSON, 400, "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": true}', JSON, 400, "max_tokens"),
+        (b'{"prompt": "hi", "temperature": 2.5}', JSON, 400, "temperature"),
+        (b'{"prompt": "hi", "top_p": 0}', JSON, 400, "top_p"),
+        (b'{"prompt": "hi", "stop": ["a","b","c","d","e"]}', JSON, 400, "stop"),
+        (b'{"prompt": "hi", "stop": [""]}', JSON, 400, "stop"),
+        (b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
+        (b'{"prompt": "hi", "n": 2}', JSON, 400, "n"),
+        (b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
+        (b'{"prompt": "hi", "logprobs": 3}', JSON, 400, "logprobs"),
+    ],
+)
 def test_bad_completion_bodies_are_400s_naming_the_field(raw, ctype, status, param):
     with pytest.raises(APIError) as info:
         parse_body(raw, ctype, CompletionRequest)
@@ -49,10 +59,17 @@ def test_bad_completion_bodies_are_400s_naming_the_field(raw, ctype, status, par
     json.dumps(body)  # always serialisable, even for NaN/inf inputs
 
 
-@pytest.mark.parametrize("messages", [
-    [], [{"role": "user"}], [{"role": "robot", "content": "x"}], [{"role": "system", "content": "x"}],
-    [{"role": "user", "content": "x", "extra": 1}], "hello",
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user"}],
+        [{"role": "robot", "content": "x"}],
+        [{"role": "system", "content": "x"}],
+        [{"role": "user", "content": "x", "extra": 1}],
+        "hello",
+    ],
+)
 def test_bad_chat_messages_are_refused(messages):
     raw = json.dumps({"messages": messages}).encode()
     with pytest.raises(APIError) as info:
@@ -61,19 +78,33 @@ def test_bad_chat_messages_are_refused(messages):
 
 
 def test_good_request_parses_with_openai_defaults():
-    req = parse_body(b'{"model": "m", "prompt": "1+1=", "stop": "\\n", "seed": 3}',
-                     "application/json; charset=utf-8", CompletionRequest)
+    req = parse_body(
+        b'{"model": "m", "prompt": "1+1=", "stop": "\\n", "seed": 3}',
+        "application/json; charset=utf-8",
+        CompletionRequest,
+    )
     # max_tokens None: the server picks OpenAI's default (16 for completions, room left for chat).
-    assert (req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed) == (None, 1.0, 1.0, ("\n",), 3)
+    assert (req.max_tokens, req.temperature, req.top_p, req.stops(), req.seed) == (
+        None,
+        1.0,
+        1.0,
+        ("\n",),
+        3,
+    )
 
 
 def test_chat_accepts_max_completion_tokens_but_not_both_limits():
     msgs = [{"role": "user", "content": "hi"}]
-    req = parse_body(json.dumps({"messages": msgs, "max_completion_tokens": 5}).encode(), JSON, ChatRequest)
+    req = parse_body(
+        json.dumps({"messages": msgs, "max_completion_tokens": 5}).encode(), JSON, ChatRequest
+    )
     assert req.max_tokens == 5
     with pytest.raises(APIError) as info:
-        parse_body(json.dumps({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}).encode(),
-                   JSON, ChatRequest)
+        parse_body(
+            json.dumps({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}).encode(),
+            JSON,
+            ChatRequest,
+        )
     assert info.value.status == 400 and "not both" in info.value.message
 
 
@@ -97,9 +128,13 @@ def _reference(engine: Engine, ids: list[int], n: int) -> str:
     import torch
 
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                    pad_token_id=engine.tokenizer.pad_token_id)
-    new = out[0, len(ids):].tolist()
+        out = engine.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )
+    new = out[0, len(ids) :].tolist()
     if engine.tokenizer.eos_token_id in new:
         new = new[: new.index(engine.tokenizer.eos_token_id)]
     return engine.tokenizer.decode(new, skip_special_tokens=True)
@@ -140,20 +175,23 @@ def test_seeded_sampling_repeats_and_max_tokens_bounds_length(engine):
     assert greedy.completion_tokens <= 3 and greedy.finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize(("raw", "param"), [
-    (b'{}', "input"),
-    (b'{"input": ""}', "input"),
-    (b'{"input": "   "}', "input"),
-    (b'{"input": []}', "input"),
-    (b'{"input": ["ok", ""]}', "input"),
-    (b'{"input": ["ok", 3]}', "input.list[str].1"),
-    (b'{"input": 7}', "input"),
-    (b'{"input": {"text": "hi"}}', "input"),
-    (b'{"input": "a\\u0007b"}', "input"),
-    (b'{"input": "hi", "stream": true}', "stream"),
-    (b'{"input": "hi", "model": ""}', "model"),
-    (b'{"input": "hi", "top_k": 3}', "top_k"),
-])
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b"{}", "input"),
+        (b'{"input": ""}', "input"),
+        (b'{"input": "   "}', "input"),
+        (b'{"input": []}', "input"),
+        (b'{"input": ["ok", ""]}', "input"),
+        (b'{"input": ["ok", 3]}', "input.list[str].1"),
+        (b'{"input": 7}', "input"),
+        (b'{"input": {"text": "hi"}}', "input"),
+        (b'{"input": "a\\u0007b"}', "input"),
+        (b'{"input": "hi", "stream": true}', "stream"),
+        (b'{"input": "hi", "model": ""}', "model"),
+        (b'{"input": "hi", "top_k": 3}', "top_k"),
+    ],
+)
 def test_bad_label_requests_name_their_field(raw, param):
     with pytest.raises(APIError) as info:
         parse_body(raw, JSON, LabelRequest)

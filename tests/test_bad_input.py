@@ -13,8 +13,8 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raylm.deepspeed import build_ds_config
-from raylm.spec import JobSpecError, spec_from_dict
+from raylm.job import JobSpecError, spec_from_dict
+from raylm.training.ds_config import build_ds_config
 
 from .conftest import REPO
 
@@ -48,8 +48,13 @@ def test_every_bad_job_file_exits_2_naming_its_field_and_value_before_any_ray_wo
     files = sorted(glob.glob(os.path.join(CORPUS, "*.yaml")))
     assert len(files) >= 50
     assert all(expectations(f) for f in files), [f for f in files if not expectations(f)]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *files], capture_output=True, text=True,
-                          timeout=300, cwd=CORPUS)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CORPUS,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     wrong = []
@@ -60,13 +65,20 @@ def test_every_bad_job_file_exits_2_naming_its_field_and_value_before_any_ray_wo
             wrong.append((os.path.basename(path), key.split()[0], rc, missing, err[-300:]))
     assert not wrong, wrong[:5]
     assert report["ray_imported"] is False and report["children"] == 0
-    print(f"bad job files: {len(files)} files × 2 commands = {len(report['results'])} refusals, all exit 2")
+    print(
+        f"bad job files: {len(files)} files × 2 commands = {len(report['results'])} refusals, "
+        "all exit 2"
+    )
 
 
 def test_the_real_console_script_exits_2_on_a_bad_job():
     path = os.path.join(CORPUS, "several_problems_at_once.yaml")
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "raylm"), "run", path],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "raylm"), "run", path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert all(e in proc.stderr for e in expectations(path)), proc.stderr
     assert "3 problem(s)" in proc.stderr
@@ -74,20 +86,34 @@ def test_the_real_console_script_exits_2_on_a_bad_job():
 
 # -- property: whatever validates, DeepSpeed accepts ----------------------------------------------
 
-jobs = st.fixed_dictionaries({
-    "lora": st.fixed_dictionaries({"enabled": st.booleans(), "r": st.integers(1, 64)}),
-    "training": st.fixed_dictionaries({
-        "micro_batch_size": st.integers(0, 32), "grad_accum": st.integers(0, 8),
-        "lr": st.floats(1e-7, 1.0), "weight_decay": st.floats(0.0, 1.0),
-        "warmup_ratio": st.floats(0.0, 0.99), "max_grad_norm": st.floats(0.0, 10.0),
-        "lr_schedule": st.sampled_from(["cosine", "linear", "constant"]),
-        "precision": st.sampled_from(["auto", "fp32", "bf16", "fp16"]),
-        "max_steps": st.integers(1, 100_000)}),
-    "deepspeed": st.fixed_dictionaries({
-        "zero_stage": st.integers(-1, 4), "offload_optimizer": st.booleans(),
-        "offload_params": st.booleans()}),
-    "scaling": st.fixed_dictionaries({"num_workers": st.integers(1, 64), "use_gpu": st.booleans()}),
-})
+jobs = st.fixed_dictionaries(
+    {
+        "lora": st.fixed_dictionaries({"enabled": st.booleans(), "r": st.integers(1, 64)}),
+        "training": st.fixed_dictionaries(
+            {
+                "micro_batch_size": st.integers(0, 32),
+                "grad_accum": st.integers(0, 8),
+                "lr": st.floats(1e-7, 1.0),
+                "weight_decay": st.floats(0.0, 1.0),
+                "warmup_ratio": st.floats(0.0, 0.99),
+                "max_grad_norm": st.floats(0.0, 10.0),
+                "lr_schedule": st.sampled_from(["cosine", "linear", "constant"]),
+                "precision": st.sampled_from(["auto", "fp32", "bf16", "fp16"]),
+                "max_steps": st.integers(1, 100_000),
+            }
+        ),
+        "deepspeed": st.fixed_dictionaries(
+            {
+                "zero_stage": st.integers(-1, 4),
+                "offload_optimizer": st.booleans(),
+                "offload_params": st.booleans(),
+            }
+        ),
+        "scaling": st.fixed_dictionaries(
+            {"num_workers": st.integers(1, 64), "use_gpu": st.booleans()}
+        ),
+    }
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,7 +129,9 @@ def test_any_job_that_validates_builds_a_config_deepspeed_accepts(job):
     config = build_ds_config(spec, world_size=workers, total_steps=tr.max_steps)
     assert config["train_batch_size"] == tr.micro_batch_size * tr.grad_accum * workers
     # Outside a process group DeepSpeed checks batch sizes against a world of 1.
-    parsed = DeepSpeedConfig(build_ds_config(spec, world_size=1, total_steps=tr.max_steps), mpu=None)
+    parsed = DeepSpeedConfig(
+        build_ds_config(spec, world_size=1, total_steps=tr.max_steps), mpu=None
+    )
     assert parsed.zero_optimization_stage == ds.zero_stage
     assert parsed.train_micro_batch_size_per_gpu == tr.micro_batch_size
     assert parsed.gradient_accumulation_steps == tr.grad_accum

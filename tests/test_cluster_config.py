@@ -30,7 +30,10 @@ def test_cluster_yaml_validates_against_rays_cluster_schema():
 def test_cluster_yaml_has_a_cpu_head_gpu_workers_and_installs_raylm():
     config = load()
     types = config["available_node_types"]
-    head, workers = types[config["head_node_type"]], [t for n, t in types.items() if n != config["head_node_type"]]
+    head, workers = (
+        types[config["head_node_type"]],
+        [t for n, t in types.items() if n != config["head_node_type"]],
+    )
     assert "GPU" not in head["resources"] and len(workers) == 1
     gpu = workers[0]
     assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from raylm.builtins import MINILM
 from raylm.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -23,8 +24,8 @@ from raylm.data import (
     tokenize_ner,
     tokenize_text,
 )
+from raylm.job import spec_from_dict
 from raylm.models import build_char_tokenizer, resolve_model_path
-from raylm.spec import MINILM, spec_from_dict
 from tests.conftest import REPO
 
 
@@ -43,7 +44,9 @@ def test_builtin_arithmetic_is_deterministic_distinct_and_correct():
 
 
 def test_instruction_loss_is_on_the_output_only(tok):
-    ex = tokenize_instruction(tok, "Q: {instruction}\nA: ", {"instruction": "2+2", "output": "4"}, 64)
+    ex = tokenize_instruction(
+        tok, "Q: {instruction}\nA: ", {"instruction": "2+2", "output": "4"}, 64
+    )
     targets = [t for t in ex.labels if t != IGNORE_INDEX]
     assert tok.decode(targets) == "4" + tok.eos_token
     prompt_len = ex.labels.index(targets[0])
@@ -51,8 +54,12 @@ def test_instruction_loss_is_on_the_output_only(tok):
 
 
 def test_chat_loss_is_on_assistant_turns_only(tok):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
     ex = tokenize_chat(tok, msgs, 256)
     spans = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
     assert "yo" in spans and "ok" in spans
@@ -76,7 +83,7 @@ def test_collate_pads_and_masks(tok):
     b = collate(exs, tok.pad_token_id)
     assert b["input_ids"].shape == b["labels"].shape == (2, len(exs[1].input_ids))
     assert b["attention_mask"][0].sum() == len(exs[0].input_ids)
-    assert (b["labels"][0, len(exs[0].input_ids):] == IGNORE_INDEX).all()
+    assert (b["labels"][0, len(exs[0].input_ids) :] == IGNORE_INDEX).all()
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -121,16 +128,29 @@ def test_local_sources_load(tmp_path, suffix):
 
 def test_a_directory_of_files_goes_through_load_dataset(tmp_path):
     # The hub branch: `datasets.load_dataset(name_or_dir, split=...)`, exercised offline.
-    (tmp_path / "part-0.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}"}) for i in range(7)))
-    assert [r["text"] for r in load_records(str(tmp_path), split="train")] == [f"t{i}" for i in range(7)]
+    (tmp_path / "part-0.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"t{i}"}) for i in range(7))
+    )
+    assert [r["text"] for r in load_records(str(tmp_path), split="train")] == [
+        f"t{i}" for i in range(7)
+    ]
 
 
 def test_build_datasets_with_explicit_eval_and_limit(tmp_path, tok):
     tr, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     tr.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(30)))
     ev.write_text("\n".join(json.dumps({"text": f"eval {i}"}) for i in range(5)))
-    spec = spec_from_dict({"data": {"train": str(tr), "eval": str(ev), "format": "text",
-                                    "num_examples": 12, "max_length": 16}})
+    spec = spec_from_dict(
+        {
+            "data": {
+                "train": str(tr),
+                "eval": str(ev),
+                "format": "text",
+                "num_examples": 12,
+                "max_length": 16,
+            }
+        }
+    )
     data = build_datasets(spec, tok)
     assert len(data.train) == 12 and len(data.evals) == 5 and data.labels is None
 
@@ -162,7 +182,8 @@ def test_ner_labels_sit_on_each_words_first_sub_token_only(minilm_tok):
     pieces = minilm_tok.convert_ids_to_tokens(ex.input_ids)
     assert len(pieces) > len(words) + 2, "the test needs words split into several sub-tokens"
     labelled = [(p, lab) for p, lab in zip(pieces, ex.labels, strict=True) if lab != IGNORE_INDEX]
-    # One label per word, on a piece that starts a word; continuation pieces and [CLS]/[SEP] get none.
+    # One label per word, on a piece that starts a word; continuation pieces and [CLS]/[SEP]
+    # get none.
     assert [lab for _, lab in labelled] == tags
     assert not any(p.startswith("##") or p in ("[CLS]", "[SEP]") for p, _ in labelled)
     assert ex.labels[0] == IGNORE_INDEX and ex.labels[-1] == IGNORE_INDEX
@@ -176,10 +197,16 @@ def test_ner_truncation_drops_the_words_past_max_length(minilm_tok):
 
 
 def test_classification_data_builds_labels_in_sorted_order(tmp_path, minilm_tok):
-    train = _write(tmp_path / "t.jsonl", [{"text": f"text {i}", "label": ["pos", "neg", "meh"][i % 3]}
-                                          for i in range(9)])
-    spec = spec_from_dict({"model": {"name_or_path": MINILM, "task": "sequence_classification"},
-                           "data": {"train": train, "eval": train}})
+    train = _write(
+        tmp_path / "t.jsonl",
+        [{"text": f"text {i}", "label": ["pos", "neg", "meh"][i % 3]} for i in range(9)],
+    )
+    spec = spec_from_dict(
+        {
+            "model": {"name_or_path": MINILM, "task": "sequence_classification"},
+            "data": {"train": train, "eval": train},
+        }
+    )
     assert spec.data.format == "classification"  # the task's own format when none is given
     data = build_datasets(spec, minilm_tok)
     assert data.labels == ["meh", "neg", "pos"]
@@ -190,15 +217,24 @@ def test_classification_data_builds_labels_in_sorted_order(tmp_path, minilm_tok)
 
 def test_integer_labels_and_named_labels(tmp_path):
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 2}]
-    spec = spec_from_dict({"model": {"task": "sequence_classification"}, "data": {"format": "classification"}})
+    spec = spec_from_dict(
+        {"model": {"task": "sequence_classification"}, "data": {"format": "classification"}}
+    )
     assert label_names(spec, rows) == ["0", "1", "2"]
-    named = spec_from_dict({"model": {"task": "sequence_classification", "labels": ["x", "y", "z"]}})
+    named = spec_from_dict(
+        {"model": {"task": "sequence_classification", "labels": ["x", "y", "z"]}}
+    )
     assert label_names(named, rows) == ["x", "y", "z"]
     ner = spec_from_dict({"model": {"task": "token_classification"}})
     with pytest.raises(ValueError, match="integers: list their BIO names in model.labels"):
         label_names(ner, [{"tokens": ["a"], "tags": [0]}])
-    assert label_names(ner, [{"tokens": ["a", "b", "c"], "tags": ["I-PER", "B-PER", "O"]},
-                             {"tokens": ["d"], "tags": ["B-LOC"]}]) == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert label_names(
+        ner,
+        [
+            {"tokens": ["a", "b", "c"], "tags": ["I-PER", "B-PER", "O"]},
+            {"tokens": ["d"], "tags": ["B-LOC"]},
+        ],
+    ) == ["O", "B-LOC", "B-PER", "I-PER"]
     with pytest.raises(ValueError, match="NER tags must be"):
         label_names(ner, [{"tokens": ["a"], "tags": ["PERSON"]}])
     with pytest.raises(ValueError, match="all strings or all integers"):
@@ -206,14 +242,24 @@ def test_integer_labels_and_named_labels(tmp_path):
 
 
 def test_bad_classifier_rows_are_named(tmp_path, minilm_tok):
-    train = _write(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
-    bad_eval = _write(tmp_path / "e.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "meh"}])
-    spec = spec_from_dict({"model": {"task": "sequence_classification", "labels": ["neg", "pos"]},
-                           "data": {"train": train, "eval": bad_eval}})
+    train = _write(
+        tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    )
+    bad_eval = _write(
+        tmp_path / "e.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "meh"}]
+    )
+    spec = spec_from_dict(
+        {
+            "model": {"task": "sequence_classification", "labels": ["neg", "pos"]},
+            "data": {"train": train, "eval": bad_eval},
+        }
+    )
     with pytest.raises(ValueError, match="row 1: label 'meh' is not one of"):
         build_datasets(spec, minilm_tok)
     ner = _write(tmp_path / "n.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
-    spec = spec_from_dict({"model": {"task": "token_classification"}, "data": {"train": ner, "eval": ner}})
+    spec = spec_from_dict(
+        {"model": {"task": "token_classification"}, "data": {"train": ner, "eval": ner}}
+    )
     with pytest.raises(ValueError, match="row 0 has 2 words and 1 tags"):
         build_datasets(spec, minilm_tok)
 
@@ -228,7 +274,11 @@ def test_shipped_datasets_are_what_the_generator_writes():
     for name, (train, evals) in (("sentiment", gen.sentiment()), ("ner", gen.ner())):
         for split, rows in (("train", train), ("eval", evals)):
             shipped = [json.loads(line) for line in open(f"{REPO}/jobs/data/{name}/{split}.jsonl")]
-            assert shipped == rows, f"jobs/data/{name}/{split}.jsonl differs from generate.py's output"
+            assert shipped == rows, (
+                f"jobs/data/{name}/{split}.jsonl differs from generate.py's output"
+            )
         assert len(train) >= 300 and len(evals) >= 80
         key = "text" if name == "sentiment" else "tokens"
-        assert not {str(r[key]) for r in train} & {str(r[key]) for r in evals}, "eval rows leak into train"
+        assert not {str(r[key]) for r in train} & {str(r[key]) for r in evals}, (
+            "eval rows leak into train"
+        )

@@ -1,11 +1,12 @@
-"""JobSpec → DeepSpeed config: consistent batch sizes, stages, offload, precision; DeepSpeed accepts it."""
+"""JobSpec → DeepSpeed config: consistent batch sizes, stages, offload, precision; DeepSpeed
+accepts it."""
 
 from __future__ import annotations
 
 import pytest
 
-from raylm.deepspeed import build_ds_config, warmup_steps
-from raylm.spec import spec_from_dict
+from raylm.job import spec_from_dict
+from raylm.training.ds_config import build_ds_config, warmup_steps
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -28,8 +29,13 @@ def test_batch_sizes_are_consistent_with_world_size():
 
 
 def test_offload_and_precision():
-    cpu = build_ds_config(spec_from_dict({"deepspeed": {"zero_stage": 3, "offload_optimizer": True,
-                                                         "offload_params": True}}), 2, 10)
+    cpu = build_ds_config(
+        spec_from_dict(
+            {"deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}}
+        ),
+        2,
+        10,
+    )
     zero = cpu["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert "torch_adam" not in cpu["optimizer"]["params"]  # offload uses DeepSpeed's CPU Adam
@@ -41,8 +47,16 @@ def test_offload_and_precision():
 
 
 def test_schedule_and_clipping():
-    spec = spec_from_dict({"training": {"warmup_ratio": 0.1, "lr_schedule": "linear", "lr": 0.01,
-                                        "max_grad_norm": 0.5}})
+    spec = spec_from_dict(
+        {
+            "training": {
+                "warmup_ratio": 0.1,
+                "lr_schedule": "linear",
+                "lr": 0.01,
+                "max_grad_norm": 0.5,
+            }
+        }
+    )
     config = build_ds_config(spec, 2, 200)
     assert config["scheduler"]["type"] == "WarmupDecayLR"
     assert config["scheduler"]["params"]["warmup_num_steps"] == warmup_steps(spec, 200) == 20
@@ -52,8 +66,16 @@ def test_schedule_and_clipping():
 
 
 def test_raw_config_is_merged_last():
-    spec = spec_from_dict({"deepspeed": {"config": {"zero_optimization": {"reduce_bucket_size": 123},
-                                                    "wall_clock_breakdown": True}}})
+    spec = spec_from_dict(
+        {
+            "deepspeed": {
+                "config": {
+                    "zero_optimization": {"reduce_bucket_size": 123},
+                    "wall_clock_breakdown": True,
+                }
+            }
+        }
+    )
     config = build_ds_config(spec, 2, 10)
     assert config["zero_optimization"]["reduce_bucket_size"] == 123
     assert config["zero_optimization"]["stage"] == 2  # siblings survive the merge
@@ -64,6 +86,6 @@ def test_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, raylm.deepspeed; print('torch' in sys.modules)"
+    code = "import sys, raylm.training.ds_config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from raylm.job import load_job
 from raylm.metrics import bio_spans, entity_scores
-from raylm.spec import load_job
 
 from .conftest import REPO
 from .test_serve_ray import free_port
@@ -27,8 +27,10 @@ def shipped(name: str, tmp, *overrides: str):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        return load_job(f"jobs/{name}.yaml", [f"storage_path={tmp}", f"serve.port={free_port()}",
-                                              "serve.num_cpus=0.5", *overrides])
+        return load_job(
+            f"jobs/{name}.yaml",
+            [f"storage_path={tmp}", f"serve.port={free_port()}", "serve.num_cpus=0.5", *overrides],
+        )
     finally:
         os.chdir(cwd)
 
@@ -39,7 +41,9 @@ def rows(name: str, split: str = "eval") -> list[dict]:
 
 def post(url: str, body: dict | bytes, content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
@@ -49,7 +53,7 @@ def post(url: str, body: dict | bytes, content_type: str = "application/json") -
 
 @pytest.fixture(scope="module")
 def sentiment(ray_cluster, tmp_path_factory):
-    from raylm.train import run_train
+    from raylm.training.trainer import run_train
 
     spec = shipped("sentiment-minilm", tmp_path_factory.mktemp("sentiment"))
     return spec, run_train(spec)
@@ -57,7 +61,7 @@ def sentiment(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ner(ray_cluster, tmp_path_factory):
-    from raylm.train import run_train
+    from raylm.training.trainer import run_train
 
     spec = shipped("ner-minilm", tmp_path_factory.mktemp("ner"))
     return spec, run_train(spec)
@@ -65,20 +69,28 @@ def ner(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    from raylm.tune import run_sweep
+    from raylm.tuning.sweep import run_sweep
 
     # One worker per trial so two trials share the 2 cores; two epochs are enough to rank them.
-    spec = shipped("sentiment-minilm", tmp_path_factory.mktemp("sweep"), "name=sentiment-sweep",
-                   "scaling.num_workers=1", "scaling.cpus_per_worker=0.9", "training.epochs=2")
+    spec = shipped(
+        "sentiment-minilm",
+        tmp_path_factory.mktemp("sweep"),
+        "name=sentiment-sweep",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=0.9",
+        "training.epochs=2",
+    )
     return spec, run_sweep(spec)
 
 
 def test_lora_on_minilm_lifts_sentiment_accuracy_far_above_the_untrained_head(sentiment):
     spec, result = sentiment
     before, after = result.history[0]["accuracy"], result.best_metrics["accuracy"]
-    print(f"\nsentiment eval accuracy: untrained head {before:.3f} → fine-tuned {after:.3f} "
-          f"(macro-F1 {result.history[0]['macro_f1']:.3f} → {result.best_metrics['macro_f1']:.3f}) "
-          f"after {result.history[-1]['step']} steps")
+    print(
+        f"\nsentiment eval accuracy: untrained head {before:.3f} → fine-tuned {after:.3f} "
+        f"(macro-F1 {result.history[0]['macro_f1']:.3f} → {result.best_metrics['macro_f1']:.3f}) "
+        f"after {result.history[-1]['step']} steps"
+    )
     assert after >= 0.85 and after - before >= 0.25
     meta = json.load(open(os.path.join(result.best_checkpoint, "raylm.json")))
     assert meta["labels"] == ["negative", "positive"] and meta["task"] == "sequence_classification"
@@ -96,15 +108,21 @@ def test_exported_classifier_loads_alone_in_transformers_and_scores_the_same(sen
 
     spec, result = sentiment
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "raylm.cli", "export", result.best_checkpoint, str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "export", result.best_checkpoint, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "AutoModelForSequenceClassification.from_pretrained" in done.stdout
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     evals = rows("sentiment")
     with torch.no_grad():
-        ids = model(**tok([r["text"] for r in evals], return_tensors="pt", padding=True)).logits.argmax(-1)
+        ids = model(
+            **tok([r["text"] for r in evals], return_tensors="pt", padding=True)
+        ).logits.argmax(-1)
     labels = [model.config.id2label[int(i)] for i in ids]
     accuracy = sum(p == r["label"] for p, r in zip(labels, evals, strict=True)) / len(evals)
     assert accuracy == pytest.approx(result.best_metrics["accuracy"], abs=0.011)
@@ -113,12 +131,17 @@ def test_exported_classifier_loads_alone_in_transformers_and_scores_the_same(sen
 def test_ner_fine_tuning_lifts_entity_f1_far_above_the_untrained_model(ner):
     spec, result = ner
     before, after = result.history[0]["entity_f1"], result.best_metrics["entity_f1"]
-    print(f"\nNER eval entity F1: untrained {before:.3f} → fine-tuned {after:.3f} "
-          f"(P {result.best_metrics['entity_precision']:.3f}, R {result.best_metrics['entity_recall']:.3f}) "
-          f"after {result.history[-1]['step']} steps")
+    print(
+        f"\nNER eval entity F1: untrained {before:.3f} → fine-tuned {after:.3f} "
+        f"(P {result.best_metrics['entity_precision']:.3f}, "
+        f"R {result.best_metrics['entity_recall']:.3f}) "
+        f"after {result.history[-1]['step']} steps"
+    )
     assert after >= 0.8 and after - before >= 0.5
     meta = json.load(open(os.path.join(result.best_checkpoint, "raylm.json")))
-    assert meta["labels"][0] == "O" and {"B-PER", "I-PER", "B-LOC", "B-ORG", "B-MISC"} <= set(meta["labels"])
+    assert meta["labels"][0] == "O" and {"B-PER", "I-PER", "B-LOC", "B-ORG", "B-MISC"} <= set(
+        meta["labels"]
+    )
 
 
 def test_four_trial_lr_by_rank_sweep_promotes_the_most_accurate_classifier(sweep):
@@ -130,15 +153,21 @@ def test_four_trial_lr_by_rank_sweep_promotes_the_most_accurate_classifier(sweep
     best = max(trials, key=lambda t: t["accuracy"])
     assert result.manifest["accuracy"] == best["accuracy"] and result.manifest["mode"] == "max"
     assert result.manifest["accuracy"] >= 0.85
-    print("\n" + "\n".join(f"trial lr={t['training.lr']:g} r={t['lora.r']}: accuracy "
-                           f"{t['accuracy']:.3f} ({t['status']} at step {t['step']})" for t in trials))
+    print(
+        "\n"
+        + "\n".join(
+            f"trial lr={t['training.lr']:g} r={t['lora.r']}: accuracy "
+            f"{t['accuracy']:.3f} ({t['status']} at step {t['step']})"
+            for t in trials
+        )
+    )
 
 
 def test_classify_over_http_matches_in_process_predictions(sweep):
     """The sweep's winner and its top-k trial adapters (each with its own trained head) served
     together; HTTP answers equal an in-process Predictor's for every eval text and model."""
-    from raylm.predict import Predictor
-    from raylm.serve import plan_for_job, shutdown, start
+    from raylm.serving.deploy import plan_for_job, shutdown, start
+    from raylm.serving.predictor import Predictor
 
     spec, result = sweep
     plan = plan_for_job(spec)
@@ -152,12 +181,16 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
         jobs = [(name, texts[i : i + 10]) for name in names for i in range(0, len(texts), 10)]
         jobs += [(name, texts[i]) for i, name in enumerate(names * 8)]
         with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda j: post(url + "/v1/classify", {"model": j[0], "input": j[1]}), jobs))
+            answers = list(
+                pool.map(lambda j: post(url + "/v1/classify", {"model": j[0], "input": j[1]}), jobs)
+            )
         assert all(status == 200 for status, _ in answers), [b for s, b in answers if s != 200][:2]
         for (model, inp), (_, body) in zip(jobs, answers, strict=True):
             batch = [inp] if isinstance(inp, str) else inp
             want = local.classify([(model, t) for t in batch])
-            assert body["model"] == model and [d["index"] for d in body["data"]] == list(range(len(batch)))
+            assert body["model"] == model and [d["index"] for d in body["data"]] == list(
+                range(len(batch))
+            )
             for got, exp in zip(body["data"], want, strict=True):
                 assert got["label"] == exp.label
                 assert got["score"] == pytest.approx(exp.score, abs=1e-4)
@@ -165,22 +198,40 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
         # Each model is its own trial's adapter and head: scored over HTTP, each reproduces the
         # accuracy its trial measured (the trials differ, so a mixed-up adapter would show).
         measured = {spec.name: result.manifest["accuracy"]}
-        measured.update({f"{spec.name}-{e['trial_id']}": e["accuracy"] for e in result.manifest["top_k"]})
+        measured.update(
+            {f"{spec.name}-{e['trial_id']}": e["accuracy"] for e in result.manifest["top_k"]}
+        )
         per_model = len(texts) // 10
         for k, name in enumerate(names):
-            predicted = [d["label"] for _, body in answers[k * per_model : (k + 1) * per_model]
-                         for d in body["data"]]
-            accuracy = sum(p == r["label"] for p, r in zip(predicted, rows("sentiment"), strict=True)) / len(texts)
-            print(f"\n/v1/classify model {name}: accuracy on the eval set {accuracy:.3f}; its trial "
-                  f"measured {measured[name]:.3f}")
+            predicted = [
+                d["label"]
+                for _, body in answers[k * per_model : (k + 1) * per_model]
+                for d in body["data"]
+            ]
+            accuracy = sum(
+                p == r["label"] for p, r in zip(predicted, rows("sentiment"), strict=True)
+            ) / len(texts)
+            print(
+                f"\n/v1/classify model {name}: accuracy on the eval set {accuracy:.3f}; its trial "
+                f"measured {measured[name]:.3f}"
+            )
             assert accuracy == pytest.approx(measured[name], abs=0.011)
         assert len(set(measured.values())) > 1, "the trials should not all score alike"
         # Client mistakes are 4xx JSON errors, and the app keeps answering.
-        assert post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0] == 400
+        assert (
+            post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0]
+            == 400
+        )
         status, body = post(url + "/v1/ner", {"input": "hi"})
         assert status == 400 and "POST /v1/classify" in body["error"]["message"]
-        for bad in ({"input": []}, {"input": ["ok", ""]}, {"input": 5}, {"texts": ["a"]},
-                    {"input": "x", "model": "nope"}, {"input": "word " * 600}):
+        for bad in (
+            {"input": []},
+            {"input": ["ok", ""]},
+            {"input": 5},
+            {"texts": ["a"]},
+            {"input": "x", "model": "nope"},
+            {"input": "word " * 600},
+        ):
             status, body = post(url + "/v1/classify", bad)
             assert 400 <= status < 500 and "error" in body, (bad, status, body)
         assert post(url + "/v1/classify", b"{bad json")[0] == 400
@@ -190,11 +241,13 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
 
 
 def test_ner_over_http_finds_entities_with_character_offsets_like_in_process(ner):
-    from raylm.predict import Predictor
-    from raylm.serve import resolve_target, shutdown, start
+    from raylm.serving.deploy import resolve_target, shutdown, start
+    from raylm.serving.predictor import Predictor
 
     spec, result = ner
-    plan = resolve_target(result.best_checkpoint, [f"serve.port={spec.serve.port}", "serve.num_cpus=0.5"])
+    plan = resolve_target(
+        result.best_checkpoint, [f"serve.port={spec.serve.port}", "serve.num_cpus=0.5"]
+    )
     url = start(plan)
     try:
         local = Predictor(plan.models)
@@ -207,23 +260,36 @@ def test_ner_over_http_finds_entities_with_character_offsets_like_in_process(ner
         hits = n_pred = n_true = 0
         for row, text, (_, body), exp in zip(evals, texts, answers, want, strict=True):
             got = body["data"][0]["entities"]
-            assert [(e["entity"], e["start"], e["end"]) for e in got] == [(e.entity, e.start, e.end) for e in exp]
+            assert [(e["entity"], e["start"], e["end"]) for e in got] == [
+                (e.entity, e.start, e.end) for e in exp
+            ]
             # Offsets index the text; map them back to word spans and score like training does.
             starts = [len(" ".join(row["tokens"][:i])) + (i > 0) for i in range(len(row["tokens"]))]
             spans = set()
             for e in got:
                 assert text[e["start"] : e["end"]] == e["text"]
-                first, last = starts.index(e["start"]), max(i for i, s in enumerate(starts) if s < e["end"])
+                first, last = (
+                    starts.index(e["start"]),
+                    max(i for i, s in enumerate(starts) if s < e["end"]),
+                )
                 spans.add((e["entity"], first, last + 1))
             truth = set(bio_spans(row["tags"]))
-            hits, n_pred, n_true = hits + len(spans & truth), n_pred + len(spans), n_true + len(truth)
+            hits, n_pred, n_true = (
+                hits + len(spans & truth),
+                n_pred + len(spans),
+                n_true + len(truth),
+            )
         f1 = entity_scores(hits, n_pred, n_true)["entity_f1"]
-        print(f"\n/v1/ner entity F1 on the eval set {f1:.3f}; training measured "
-              f"{result.best_metrics['entity_f1']:.3f}")
+        print(
+            f"\n/v1/ner entity F1 on the eval set {f1:.3f}; training measured "
+            f"{result.best_metrics['entity_f1']:.3f}"
+        )
         assert f1 == pytest.approx(result.best_metrics["entity_f1"], abs=0.02)
         status, body = post(url + "/v1/classify", {"input": "hi"})
         assert status == 400 and "POST /v1/ner" in body["error"]["message"]
-        status, body = post(url + "/v1/ner", {"input": ["Maria Garcia flew to Paris .", "no names here"]})
+        status, body = post(
+            url + "/v1/ner", {"input": ["Maria Garcia flew to Paris .", "no names here"]}
+        )
         assert status == 200 and [d["index"] for d in body["data"]] == [0, 1]
     finally:
         shutdown()

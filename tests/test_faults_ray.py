@@ -25,8 +25,8 @@ from raylm.checkpoint import (
     read_metadata,
     seal,
 )
-from raylm.spec import load_job, spec_from_dict
-from raylm.train import run_train
+from raylm.job import load_job, spec_from_dict
+from raylm.training.trainer import run_train
 
 from .conftest import REPO, tiny_job
 from .test_serve_ray import free_port
@@ -42,15 +42,23 @@ def registered_steps(run_dir) -> list[int]:
     except FileNotFoundError:
         return []
 
-
     return sorted({int(m) for m in re.findall(r"checkpoint_(\d{7})", text)})
 
 
 def exact_job(tmp_path, name: str, **more) -> dict:
     """ZeRO-2 LoRA with dropout: resuming must restore weights, Adam, data order and RNG."""
-    return tiny_job(tmp_path, name=name, lora={"dropout": 0.1},
-                    training={"max_steps": 40, "eval_every": 10, "lr_schedule": "constant",
-                              "warmup_ratio": 0.0}, **more)
+    return tiny_job(
+        tmp_path,
+        name=name,
+        lora={"dropout": 0.1},
+        training={
+            "max_steps": 40,
+            "eval_every": 10,
+            "lr_schedule": "constant",
+            "warmup_ratio": 0.0,
+        },
+        **more,
+    )
 
 
 def evals(history: list[dict]) -> dict[int, float]:
@@ -58,7 +66,8 @@ def evals(history: list[dict]) -> dict[int, float]:
 
 
 def test_sigkilled_worker_restarts_from_its_last_checkpoint_and_ends_like_an_uninterrupted_run(
-        ray_cluster, tmp_path):
+    ray_cluster, tmp_path
+):
     from ray.util.state import list_actors
     from safetensors.torch import load_file
 
@@ -74,8 +83,12 @@ def test_sigkilled_worker_restarts_from_its_last_checkpoint_and_ends_like_an_uni
         assert thread.is_alive() and time.time() < deadline, "no checkpoint before the run ended"
         time.sleep(0.1)
     seen = registered_steps(run_dir)[-1]
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                               ("state", "=", "ALIVE")])]
+    workers = [
+        a
+        for a in list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        )
+    ]
     assert len(workers) == 2, workers
     os.kill(workers[-1].pid, signal.SIGKILL)  # one worker of two, mid-run
     killed_at = time.time()
@@ -99,15 +112,22 @@ def test_sigkilled_worker_restarts_from_its_last_checkpoint_and_ends_like_an_uni
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"weights/moments after the restart drifted by {worst}"
-    alive = {w.pid for w in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                 ("state", "=", "ALIVE")])}
+    alive = {
+        w.pid
+        for w in list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        )
+    }
     assert workers[-1].pid not in alive
-    print(f"faults: 1 worker SIGKILL at checkpoint step {seen}; resumed from {resumed_at}; "
-          f"run ended {time.time() - killed_at:.0f}s after the kill; max weight diff {worst:.1e}")
+    print(
+        f"faults: 1 worker SIGKILL at checkpoint step {seen}; resumed from {resumed_at}; "
+        f"run ended {time.time() - killed_at:.0f}s after the kill; max weight diff {worst:.1e}"
+    )
 
 
 def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_falls_back(
-        ray_cluster, tmp_path):
+    ray_cluster, tmp_path
+):
     job = tiny_job(tmp_path, name="damaged", training={"max_steps": 20, "eval_every": 10})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -133,10 +153,18 @@ def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_f
     for _ in range(3):  # the copy must be caught part-way; very rarely it wins the race
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir()
-        copier = subprocess.Popen([sys.executable, "-c",
-                                   "import sys, pyarrow.fs as f; f.copy_files(sys.argv[1], sys.argv[2])",
-                                   str(src), str(dst)])
-        while copier.poll() is None and not any(p.stat().st_size for p in dst.rglob("*") if p.is_file()):
+        copier = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, pyarrow.fs as f; f.copy_files(sys.argv[1], sys.argv[2])",
+                str(src),
+                str(dst),
+            ]
+        )
+        while copier.poll() is None and not any(
+            p.stat().st_size for p in dst.rglob("*") if p.is_file()
+        ):
             time.sleep(0.001)
         copier.send_signal(signal.SIGKILL)
         copier.wait()
@@ -163,8 +191,21 @@ def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_f
     weights.write_bytes(bytes(raw))
     assert any("sha256" in p for p in checkpoint_problems(latest))
     rerun = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "train", str(path), "training.max_steps=30",
-         "--address", ray_cluster], capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "train",
+            str(path),
+            "training.max_steps=30",
+            "--address",
+            ray_cluster,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
     assert "checkpoint_0000020 is damaged, not loading it" in log, log[-3000:]
@@ -175,8 +216,10 @@ def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_f
     assert read_metadata(final)["resumes"] == [10]
     best = best_run_checkpoint(spec)
     assert best is not None and checkpoint_problems(best) == [] and CHECKSUMS in os.listdir(best)
-    print(f"faults: 1 copy SIGKILL at {copied}/{total} bytes ({len(problems)} problems found); "
-          "1 damaged latest checkpoint skipped, resumed from step 10")
+    print(
+        f"faults: 1 copy SIGKILL at {copied}/{total} bytes ({len(problems)} problems found); "
+        "1 damaged latest checkpoint skipped, resumed from step 10"
+    )
 
 
 def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray_cluster):
@@ -185,17 +228,24 @@ def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray
 
     from raylm.client import Client, ServerError
     from raylm.models import materialize_tiny_llama
-    from raylm.serve import resolve_target, shutdown, start
+    from raylm.serving.deploy import resolve_target, shutdown, start
 
-    plan = resolve_target(str(materialize_tiny_llama()), [
-        f"serve.port={free_port()}", "serve.num_cpus=0.5", "serve.max_batch_size=4",
-        "serve.max_ongoing_requests=8", "serve.autoscaling.min_replicas=2",
-        "serve.autoscaling.max_replicas=2"])
+    plan = resolve_target(
+        str(materialize_tiny_llama()),
+        [
+            f"serve.port={free_port()}",
+            "serve.num_cpus=0.5",
+            "serve.max_batch_size=4",
+            "serve.max_ongoing_requests=8",
+            "serve.autoscaling.min_replicas=2",
+            "serve.autoscaling.max_replicas=2",
+        ],
+    )
     url = start(plan)
 
     def replicas() -> dict[str, int]:
         app = serve.status().applications["raylm"]
-        return dict(app.deployments["LLM"].replica_states)
+        return dict(app.deployments["Model"].replica_states)
 
     try:
         assert replicas().get("RUNNING") == 2
@@ -224,8 +274,11 @@ def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray
             t.start()
         while len(done) < 40:
             time.sleep(0.01)
-        victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                   if a.class_name == "ServeReplica:raylm:LLM"]
+        victims = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name == "ServeReplica:raylm:Model"
+        ]
         assert len(victims) == 2
         os.kill(victims[0].pid, signal.SIGKILL)
         done_at_kill = len(done)
@@ -233,8 +286,10 @@ def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray
             t.join(timeout=300)
         assert done_at_kill < total, "the load ended before the kill; nothing was in flight"
         assert len(done) == total
-        print(f"faults: 1 replica SIGKILL with {total - done_at_kill} of {total} requests left "
-              f"({clients} clients); failed {len(failures)}, retried 503s {retried[0]}")
+        print(
+            f"faults: 1 replica SIGKILL with {total - done_at_kill} of {total} requests left "
+            f"({clients} clients); failed {len(failures)}, retried 503s {retried[0]}"
+        )
         assert failures == [], failures[:3]
         assert len(answers) == total and len(set(answers)) == 1  # greedy: every replica agrees
         deadline = time.monotonic() + 90
@@ -243,6 +298,9 @@ def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray
         assert replicas().get("RUNNING") == 2, replicas()
         with pytest.raises(ProcessLookupError):  # the count is back with a new process
             os.kill(victims[0].pid, 0)
-        assert Client(url).completion("1 2 3", max_tokens=12, temperature=0)["choices"][0]["text"] == answers[0]
+        assert (
+            Client(url).completion("1 2 3", max_tokens=12, temperature=0)["choices"][0]["text"]
+            == answers[0]
+        )
     finally:
         shutdown()

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from raylm.job import spec_from_dict
 from raylm.models import build_model, build_tokenizer, materialize_tiny_llama
-from raylm.spec import spec_from_dict
 
 
 def test_builtin_is_a_plain_hf_directory_of_safetensors():
@@ -48,7 +48,7 @@ def test_gradient_checkpointing_is_applied():
 
 @pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
 def test_classifier_heads_train_fully_beside_lora_and_name_their_labels(task):
-    from raylm.spec import MINILM
+    from raylm.builtins import MINILM
 
     labels = ["O", "B-PER", "I-PER"] if task == "token_classification" else ["neg", "pos"]
     spec = spec_from_dict({"model": {"name_or_path": MINILM, "task": task}, "lora": {"r": 4}})
@@ -58,6 +58,8 @@ def test_classifier_heads_train_fully_beside_lora_and_name_their_labels(task):
     assert head and all(".classifier.modules_to_save." in n for n in head)
     assert any("attention.self.query.lora_A" in n for n in trainable)
     assert not any("classifier" in n and "lora_" in n for n in trainable)  # no LoRA on the head
-    assert model.config.id2label == dict(enumerate(labels)) and model.config.num_labels == len(labels)
+    assert model.config.id2label == dict(enumerate(labels)) and model.config.num_labels == len(
+        labels
+    )
     with pytest.raises(ValueError, match="needs its label names"):
         build_model(spec)

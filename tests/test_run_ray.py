@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
-from raylm.spec import load_job
+from raylm.job import load_job
 
 from .conftest import REPO, tiny_job
 from .test_serve_ray import free_port
@@ -25,8 +25,13 @@ pytestmark = pytest.mark.ray
 
 
 def raylm_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "raylm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def write_job(tmp_path, **sections) -> str:
@@ -36,8 +41,9 @@ def write_job(tmp_path, **sections) -> str:
 
 
 def post_json(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read())
 
@@ -51,11 +57,16 @@ def free_killed_jobs_placement_groups(driver_pid: int, wait_s: float = 60.0) -> 
     from ray.util.placement_group import PlacementGroup
     from ray.util.state import list_jobs, list_placement_groups
 
-    job_ids = {j.job_id for j in list_jobs() if j.driver_info and j.driver_info.pid == str(driver_pid)}
+    job_ids = {
+        j.job_id for j in list_jobs() if j.driver_info and j.driver_info.pid == str(driver_pid)
+    }
     deadline = time.time() + wait_s
     while True:
-        left = [pg for pg in list_placement_groups(filters=[("state", "=", "CREATED")])
-                if pg.creator_job_id in job_ids]
+        left = [
+            pg
+            for pg in list_placement_groups(filters=[("state", "=", "CREATED")])
+            if pg.creator_job_id in job_ids
+        ]
         if not left:
             return
         if time.time() > deadline:
@@ -63,32 +74,49 @@ def free_killed_jobs_placement_groups(driver_pid: int, wait_s: float = 60.0) -> 
         time.sleep(1)
     for pg in left:
         print(f"Ray left placement group {pg.placement_group_id} of the killed job; removing it")
-        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+        ray.util.remove_placement_group(
+            PlacementGroup(PlacementGroupID(bytes.fromhex(pg.placement_group_id)))
+        )
 
 
 def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_finished_sweep(
-        ray_cluster, tmp_path):
+    ray_cluster, tmp_path
+):
     from .test_tune_ray import tune_state
 
     port = free_port()
     job = write_job(
-        tmp_path, name="e2e",
+        tmp_path,
+        name="e2e",
         scaling={"num_workers": 1, "cpus_per_worker": 0.9},
         training={"max_steps": 30, "eval_every": 10},
-        tune={"num_samples": 1, "scheduler": "none", "max_concurrent_trials": 1,
-              "search": {"training.lr": {"grid": [1e-3, 1e-2]}}},
-        serve={"port": port, "num_cpus": 0.5, "promote_if": {"eval_loss": {"max": 50.0}}})
+        tune={
+            "num_samples": 1,
+            "scheduler": "none",
+            "max_concurrent_trials": 1,
+            "search": {"training.lr": {"grid": [1e-3, 1e-2]}},
+        },
+        serve={"port": port, "num_cpus": 0.5, "promote_if": {"eval_loss": {"max": 50.0}}},
+    )
     # The driver is killed (SIGKILL, whole process group) once the first trial has finished and
     # the second has reported its first eval (its workers are up: not mid-start).
     sweep_root = str(tmp_path / "runs" / "e2e" / "sweep")
     log_path = tmp_path / "killed.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "run", job, "--address", ray_cluster],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "run", job, "--address", ray_cluster],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
     deadline = time.time() + 400
     try:
-        while not (any(t["status"] == "TERMINATED" for t in tune_state(sweep_root).values())
-                   and len(set(re.findall(r"\[raylm tune\] trial (\S+) step 0/", log_path.read_text()))) >= 2):
+        while not (
+            any(t["status"] == "TERMINATED" for t in tune_state(sweep_root).values())
+            and len(set(re.findall(r"\[raylm tune\] trial (\S+) step 0/", log_path.read_text())))
+            >= 2
+        ):
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.2)
@@ -108,15 +136,20 @@ def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_fin
         assert "winner:          sweep: trial" in out and "(reused)" not in out
         after = tune_state(sweep_root)
         assert len(after) == 2 and all(t["status"] == "TERMINATED" for t in after.values())
-        for tid, t in finished.items():  # same start and last step: the finished trial did not re-run
+        for (
+            tid,
+            t,
+        ) in finished.items():  # same start and last step: the finished trial did not re-run
             assert after[tid]["start_time"] == t["start_time"] and after[tid]["step"] == t["step"]
         assert f"url:             http://127.0.0.1:{port}/v1" in out
         assert "[raylm run] stage 2/3 gate: eval_loss=" in out
         sample = next(line for line in out.splitlines() if line.startswith("sample:"))
         assert "'12+7' →" in sample
         # the served winner answers over HTTP, as the printed sample did
-        got = post_json(f"http://127.0.0.1:{port}/v1/completions",
-                        {"prompt": "12+7=", "max_tokens": 4, "temperature": 0})
+        got = post_json(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"prompt": "12+7=", "max_tokens": 4, "temperature": 0},
+        )
         assert got["model"] == "e2e" and got["usage"]["completion_tokens"] >= 1
         record = json.loads((tmp_path / "runs" / "e2e" / "run.json").read_text())
         trials = sorted(os.listdir(tmp_path / "runs" / "e2e" / "sweep" / "trials"))
@@ -127,11 +160,15 @@ def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_fin
         rerun_s = time.monotonic() - t0
         assert again.returncode == 0, again.stderr[-3000:]
         assert "winner:          sweep (reused): " + record["detail"] in again.stdout
-        assert sorted(os.listdir(tmp_path / "runs" / "e2e" / "sweep" / "trials")) == trials  # no new trials
+        assert (
+            sorted(os.listdir(tmp_path / "runs" / "e2e" / "sweep" / "trials")) == trials
+        )  # no new trials
         assert json.loads((tmp_path / "runs" / "e2e" / "run.json").read_text()) == record
         print(f"re-run with the sweep reused: {rerun_s:.1f}s")
 
-        changed = raylm_cli("run", job, "training.max_steps=40", "--address", ray_cluster, timeout=60)
+        changed = raylm_cli(
+            "run", job, "training.max_steps=40", "--address", ray_cluster, timeout=60
+        )
         assert changed.returncode == 2, changed.stdout[-2000:]
         assert "training.max_steps: 30 → 40" in changed.stderr and "--force" in changed.stderr
     finally:
@@ -141,14 +178,19 @@ def test_cli_run_killed_mid_sweep_resumes_then_serves_and_a_rerun_reuses_the_fin
 
 def test_a_gate_that_cannot_pass_serves_nothing_and_the_cli_exits_3(ray_cluster, tmp_path):
     import raylm
-    from raylm.pipeline import GateFailed
+    from raylm.errors import GateFailed
 
     job = write_job(
-        tmp_path, name="gated",
+        tmp_path,
+        name="gated",
         scaling={"num_workers": 1, "cpus_per_worker": 1},
         training={"max_steps": 10, "eval_every": 10},
-        serve={"port": free_port(), "num_cpus": 0.5,
-               "promote_if": {"eval_loss": {"max": 1e-6}, "exact_match": {"min": 0.99}}})
+        serve={
+            "port": free_port(),
+            "num_cpus": 0.5,
+            "promote_if": {"eval_loss": {"max": 1e-6}, "exact_match": {"min": 0.99}},
+        },
+    )
     with pytest.raises(GateFailed) as info:
         raylm.run(load_job(job))
     failures = " | ".join(info.value.failures)
@@ -156,14 +198,21 @@ def test_a_gate_that_cannot_pass_serves_nothing_and_the_cli_exits_3(ray_cluster,
     assert "exact_match=" in failures and "below the minimum 0.99" in failures
     assert raylm.shutdown() is False  # no raylm Serve app was started
 
-    cli = raylm_cli("run", job, "--address", ray_cluster)  # reuses the finished training, gate again
+    cli = raylm_cli(
+        "run", job, "--address", ray_cluster
+    )  # reuses the finished training, gate again
     assert cli.returncode == 3, cli.stderr[-2000:]
-    assert "the evaluation gate refused the winner" in cli.stderr and "nothing was served" in cli.stderr
+    assert (
+        "the evaluation gate refused the winner" in cli.stderr
+        and "nothing was served" in cli.stderr
+    )
     assert "stage 1/3 train: reused finished run" in cli.stdout
     assert raylm.shutdown() is False
 
 
-def test_local_storage_is_refused_before_training_when_workers_need_other_nodes(ray_cluster, tmp_path):
+def test_local_storage_is_refused_before_training_when_workers_need_other_nodes(
+    ray_cluster, tmp_path
+):
     # This node has no GPU, so GPU workers would land on other nodes: local disk cannot hold
     # their checkpoints. Refused with exit 2 before any training starts.
     job = write_job(tmp_path, name="gpu-on-cpu", scaling={"num_workers": 1, "use_gpu": True})
@@ -177,7 +226,11 @@ def test_shared_storage_rule_for_multi_node_clusters():
     from raylm.cluster import shared_storage_problem
 
     def node(i: int, gpus: int = 0) -> dict:
-        return {"NodeID": f"n{i}", "Alive": True, "Resources": {"CPU": 8.0, **({"GPU": gpus} if gpus else {})}}
+        return {
+            "NodeID": f"n{i}",
+            "Alive": True,
+            "Resources": {"CPU": 8.0, **({"GPU": gpus} if gpus else {})},
+        }
 
     spec = load_job(os.path.join(REPO, "jobs", "quickstart.yaml"))
     assert shared_storage_problem(spec, [node(0)], "n0") is None
@@ -192,13 +245,17 @@ def test_shared_storage_rule_for_multi_node_clusters():
 def test_run_with_a_uri_storage_path_keeps_its_records_through_pyarrow(ray_cluster, tmp_path):
     import raylm
     from raylm.checkpoint import META_FILE
-    from raylm.serve import plan_for_job
+    from raylm.serving.deploy import plan_for_job
     from raylm.storage import local_dir
 
     store = tmp_path / "bucket"
-    job = write_job(tmp_path, name="uri", storage_path=f"file://{store}",
-                    scaling={"num_workers": 1, "cpus_per_worker": 1},
-                    training={"max_steps": 10, "eval_every": 10})
+    job = write_job(
+        tmp_path,
+        name="uri",
+        storage_path=f"file://{store}",
+        scaling={"num_workers": 1, "cpus_per_worker": 1},
+        training={"max_steps": 10, "eval_every": 10},
+    )
     spec = load_job(job)
     result = raylm.run(spec, serve=False)
     # Ray resolves file:// to its local filesystem: checkpoints are plain paths under the URI's dir.
@@ -215,6 +272,10 @@ def test_run_with_a_uri_storage_path_keeps_its_records_through_pyarrow(ray_clust
     remote = pyarrow.fs.SubTreeFileSystem(str(store), pyarrow.fs.LocalFileSystem())
     rel = os.path.relpath(result.winner.checkpoint, store)
     cached = local_dir(rel, cache=str(tmp_path / "cache"), filesystem=remote)
-    assert cached.startswith(str(tmp_path / "cache")) and os.path.exists(os.path.join(cached, ".complete"))
+    assert cached.startswith(str(tmp_path / "cache")) and os.path.exists(
+        os.path.join(cached, ".complete")
+    )
     assert json.loads(open(os.path.join(cached, META_FILE)).read())["metrics"] == record["metrics"]
-    assert sorted(os.listdir(cached)) == sorted([*os.listdir(result.winner.checkpoint), ".complete"])
+    assert sorted(os.listdir(cached)) == sorted(
+        [*os.listdir(result.winner.checkpoint), ".complete"]
+    )

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from raylm.spec import load_job
+from raylm.job import load_job
 
 from .conftest import tiny_job
 
@@ -35,26 +35,43 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     """Sweep over two datasets → promoted winner + top-2 adapters served with an API key."""
-    from raylm.serve import resolve_target, shutdown, start
-    from raylm.tune import run_sweep
+    from raylm.serving.deploy import resolve_target, shutdown, start
+    from raylm.tuning.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("serve")
     files = {}
     for tag, answer in ANSWERS.items():
         files[tag] = tmp / f"{tag}.jsonl"
-        files[tag].write_text("".join(
-            json.dumps({"instruction": f"{i}+{j}", "input": "", "output": answer}) + "\n"
-            for i in range(20) for j in range(10)))
+        files[tag].write_text(
+            "".join(
+                json.dumps({"instruction": f"{i}+{j}", "input": "", "output": answer}) + "\n"
+                for i in range(20)
+                for j in range(10)
+            )
+        )
     job = tiny_job(
-        tmp, name="srv",
+        tmp,
+        name="srv",
         data={"train": str(files["a"]), "num_examples": None},
         scaling={"num_workers": 1, "cpus_per_worker": 0.9},
         training={"max_steps": 30, "eval_every": 30, "lr": 1e-2, "eval_exact_match": True},
-        tune={"num_samples": 1, "scheduler": "none", "top_k": 2,
-              "search": {"data.train": {"grid": [str(files["a"]), str(files["b"])]}}},
-        serve={"api_key_env": KEY_ENV, "port": free_port(), "max_batch_size": 4,
-               "max_ongoing_requests": 8, "max_prompt_tokens": 64, "max_new_tokens": 32,
-               "max_body_bytes": 4096, "num_cpus": 0.5})
+        tune={
+            "num_samples": 1,
+            "scheduler": "none",
+            "top_k": 2,
+            "search": {"data.train": {"grid": [str(files["a"]), str(files["b"])]}},
+        },
+        serve={
+            "api_key_env": KEY_ENV,
+            "port": free_port(),
+            "max_batch_size": 4,
+            "max_ongoing_requests": 8,
+            "max_prompt_tokens": 64,
+            "max_new_tokens": 32,
+            "max_body_bytes": 4096,
+            "num_cpus": 0.5,
+        },
+    )
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_job(path)
@@ -80,9 +97,16 @@ def client(served, key: str = KEY):
 def post(url: str, body: bytes | str, headers: dict[str, str] | None = None, method: str = "POST"):
     """Raw HTTP: (status, parsed JSON body)."""
     data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data if method in ("POST", "PUT") else None, method=method,
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {KEY}", **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data if method in ("POST", "PUT") else None,
+        method=method,
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {KEY}",
+            **(headers or {}),
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -107,9 +131,13 @@ def test_openai_client_completion_chat_and_stream_match_in_process_generate(serv
 
     def local(ids: list[int]) -> str:
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
     messages = [{"role": "user", "content": "13+4"}]
     chat = c.chat.completions.create(model="srv", messages=messages, max_tokens=8, temperature=0)
@@ -121,8 +149,9 @@ def test_openai_client_completion_chat_and_stream_match_in_process_generate(serv
     comp = c.completions.create(model="srv", prompt="19+2=", max_tokens=8, temperature=0)
     assert comp.choices[0].text == local(tok("19+2=")["input_ids"])
 
-    stream = c.chat.completions.create(model="srv", messages=messages, max_tokens=8,
-                                       temperature=0, stream=True)
+    stream = c.chat.completions.create(
+        model="srv", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
@@ -132,9 +161,16 @@ def test_openai_client_completion_chat_and_stream_match_in_process_generate(serv
 def test_raw_stream_is_sse_chunks_ending_in_done(served):
     req = urllib.request.Request(
         served["url"] + "/v1/chat/completions",
-        data=json.dumps({"messages": [{"role": "user", "content": "3+3"}], "stream": True,
-                         "max_tokens": 4, "temperature": 0}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        data=json.dumps(
+            {
+                "messages": [{"role": "user", "content": "3+3"}],
+                "stream": True,
+                "max_tokens": 4,
+                "temperature": 0,
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.read().decode().split("\n\n") if line]
@@ -146,8 +182,9 @@ def test_two_adapters_answer_differently_by_model(served):
     c = client(served)
     got = {}
     for tag, name in served["trial_of"].items():
-        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "11+5"}],
-                                      max_tokens=6, temperature=0)
+        r = c.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "11+5"}], max_tokens=6, temperature=0
+        )
         got[tag] = r.choices[0].message.content
     assert got == ANSWERS  # each trial says what it was trained to say
 
@@ -185,15 +222,27 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("prompt over token limit", comp, json.dumps({"prompt": "1" * 200}), {}, 400),
         ("control characters", comp, '{"prompt": "a\\u0007b"}', {}, 400),
         ("unknown field", comp, '{"prompt": "x", "best_of": 2}', {}, 400),
-        ("bad stream flag", chat, '{"messages": [{"role": "user", "content": "x"}], "stream": 1}', {}, 400),
+        (
+            "bad stream flag",
+            chat,
+            '{"messages": [{"role": "user", "content": "x"}], "stream": 1}',
+            {},
+            400,
+        ),
         ("unknown model", comp, '{"prompt": "x", "model": "gpt-9"}', {}, 404),
         ("no messages", chat, '{"messages": []}', {}, 400),
         ("bad role", chat, '{"messages": [{"role": "wizard", "content": "x"}]}', {}, 400),
         ("no user turn", chat, '{"messages": [{"role": "system", "content": "x"}]}', {}, 400),
         ("too many stops", comp, '{"prompt": "x", "stop": ["1","2","3","4","5"]}', {}, 400),
         ("n = 2", comp, '{"prompt": "x", "n": 2}', {}, 400),
-        ("two token limits", chat, '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, '
-         '"max_completion_tokens": 2}', {}, 400),
+        (
+            "two token limits",
+            chat,
+            '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, '
+            '"max_completion_tokens": 2}',
+            {},
+            400,
+        ),
         ("oversize body", comp, big, {}, 413),
         ("missing API key", comp, '{"prompt": "x"}', {"Authorization": ""}, 401),
         ("wrong API key", comp, '{"prompt": "x"}', {"Authorization": "Bearer nope"}, 401),
@@ -207,8 +256,20 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("deeply nested JSON", comp, '{"prompt": ' + "[" * 1500 + "]" * 1500 + "}", {}, 400),
         ("trailing garbage", comp, '{"prompt": "x"} {"prompt": "y"}', {}, 400),
         ("single quotes", comp, "{'prompt': 'x'}", {}, 400),
-        ("form content type", comp, "prompt=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
-        ("json content type misspelt", comp, '{"prompt": "x"}', {"Content-Type": "application/jsonx"}, 415),
+        (
+            "form content type",
+            comp,
+            "prompt=x",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+        ),
+        (
+            "json content type misspelt",
+            comp,
+            '{"prompt": "x"}',
+            {"Content-Type": "application/jsonx"},
+            415,
+        ),
         ("latin-1 body", comp, '{"prompt": "caf\xe9"}'.encode("latin-1"), {}, 400),
         ("truncated utf-8", comp, b'{"prompt": "\xe2\x82"}', {}, 400),
         # -- wrong types and values, field by field
@@ -226,7 +287,13 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("max_tokens -1", comp, '{"prompt": "x", "max_tokens": -1}', {}, 400),
         ("max_tokens 1.5", comp, '{"prompt": "x", "max_tokens": 1.5}', {}, 400),
         ("max_tokens true", comp, '{"prompt": "x", "max_tokens": true}', {}, 400),
-        ("max_tokens 10^30", comp, '{"prompt": "x", "max_tokens": 1000000000000000000000000000000}', {}, 400),
+        (
+            "max_tokens 10^30",
+            comp,
+            '{"prompt": "x", "max_tokens": 1000000000000000000000000000000}',
+            {},
+            400,
+        ),
         ("seed -1", comp, '{"prompt": "x", "seed": -1}', {}, 400),
         ("seed float", comp, '{"prompt": "x", "seed": 1e30}', {}, 400),
         ("empty stop", comp, '{"prompt": "x", "stop": ""}', {}, 400),
@@ -242,17 +309,64 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("messages not a list", chat, '{"messages": {"role": "user", "content": "x"}}', {}, 400),
         ("message without content", chat, '{"messages": [{"role": "user"}]}', {}, 400),
         ("numeric content", chat, '{"messages": [{"role": "user", "content": 7}]}', {}, 400),
-        ("message unknown field", chat, '{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}', {}, 400),
-        ("control char in content", chat, '{"messages": [{"role": "user", "content": "a\\u001bb"}]}', {}, 400),
+        (
+            "message unknown field",
+            chat,
+            '{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}',
+            {},
+            400,
+        ),
+        (
+            "control char in content",
+            chat,
+            '{"messages": [{"role": "user", "content": "a\\u001bb"}]}',
+            {},
+            400,
+        ),
         ("prompt sent to chat", chat, '{"prompt": "x"}', {}, 400),
-        ("messages sent to completions", comp, '{"messages": [{"role": "user", "content": "x"}]}', {}, 400),
-        ("max_completion_tokens 0", chat, '{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', {}, 400),
-        ("unknown model in chat", chat, '{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', {}, 404),
+        (
+            "messages sent to completions",
+            comp,
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            {},
+            400,
+        ),
+        (
+            "max_completion_tokens 0",
+            chat,
+            '{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}',
+            {},
+            400,
+        ),
+        (
+            "unknown model in chat",
+            chat,
+            '{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+            {},
+            404,
+        ),
         # -- streams refused before the first event (the stream path checks limits too)
-        ("stream with prompt over limit", comp, json.dumps({"prompt": "1" * 200, "stream": True}), {}, 400),
-        ("stream with max_tokens over limit", chat, '{"messages": [{"role": "user", "content": "x"}], '
-         '"max_tokens": 33, "stream": true}', {}, 400),
-        ("stream to unknown model", comp, '{"prompt": "x", "model": "nope", "stream": true}', {}, 404),
+        (
+            "stream with prompt over limit",
+            comp,
+            json.dumps({"prompt": "1" * 200, "stream": True}),
+            {},
+            400,
+        ),
+        (
+            "stream with max_tokens over limit",
+            chat,
+            '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 33, "stream": true}',
+            {},
+            400,
+        ),
+        (
+            "stream to unknown model",
+            comp,
+            '{"prompt": "x", "model": "nope", "stream": true}',
+            {},
+            404,
+        ),
         # -- keys
         ("bearer without token", comp, '{"prompt": "x"}', {"Authorization": "Bearer"}, 401),
         ("key with extra text", comp, '{"prompt": "x"}', {"Authorization": f"Bearer {KEY}x"}, 401),
@@ -279,8 +393,10 @@ def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
     statuses.append(got)
     assert got == 401 and payload["error"]["code"] == "invalid_api_key"
     assert not [s for s in statuses if s >= 500]
-    print(f"bad HTTP requests: {len(statuses)} sent, {sum(400 <= s < 500 for s in statuses)} 4xx, "
-          f"{sum(s >= 500 for s in statuses)} 5xx")
+    print(
+        f"bad HTTP requests: {len(statuses)} sent, {sum(400 <= s < 500 for s in statuses)} 4xx, "
+        f"{sum(s >= 500 for s in statuses)} 5xx"
+    )
     # still serving after every one of those
     r = client(served).completions.create(model="srv", prompt="2+2=", max_tokens=4, temperature=0)
     assert r.choices[0].text in ANSWERS.values()
@@ -311,13 +427,18 @@ def test_the_api_key_never_reaches_a_log_file(served):
 def test_default_max_tokens_is_16_for_completions_and_the_server_limit_for_chat(served):
     c = client(served)
     comp = c.completions.create(model="srv", prompt="3+3=", temperature=0)
-    chat = c.chat.completions.create(model="srv", messages=[{"role": "user", "content": "3+3="}],
-                                     temperature=0)
+    chat = c.chat.completions.create(
+        model="srv", messages=[{"role": "user", "content": "3+3="}], temperature=0
+    )
     assert 1 <= comp.usage.completion_tokens <= 16
     assert 1 <= chat.usage.completion_tokens <= 32  # the served job's serve.max_new_tokens
     assert chat.choices[0].message.content.startswith(comp.choices[0].text[:2])
-    limited = c.chat.completions.create(model="srv", messages=[{"role": "user", "content": "3+3="}],
-                                        temperature=0, max_completion_tokens=1)
+    limited = c.chat.completions.create(
+        model="srv",
+        messages=[{"role": "user", "content": "3+3="}],
+        temperature=0,
+        max_completion_tokens=1,
+    )
     assert limited.usage.completion_tokens == 1 and limited.choices[0].finish_reason == "length"
 
 
@@ -340,8 +461,11 @@ def test_token_and_batch_metrics_reach_rays_prometheus_endpoint(served):
     while time.monotonic() < deadline and not tokens:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        tokens = [line for line in text.splitlines()
-                  if line.startswith("ray_raylm_generated_tokens") and 'model="srv"' in line]
+        tokens = [
+            line
+            for line in text.splitlines()
+            if line.startswith("ray_raylm_generated_tokens") and 'model="srv"' in line
+        ]
         time.sleep(0 if tokens else 1)
     assert tokens and float(tokens[0].rsplit(" ", 1)[1]) >= 1, text[-3000:]
     assert "ray_raylm_batch_size_bucket" in text

@@ -26,20 +26,30 @@ def running_replicas() -> int:
     app = serve.status().applications.get("raylm")
     if app is None:
         return 0
-    return app.deployments["LLM"].replica_states.get("RUNNING", 0)
+    return app.deployments["Model"].replica_states.get("RUNNING", 0)
 
 
 def test_replicas_scale_up_under_load_and_back_down(ray_cluster):
     from raylm.models import materialize_tiny_llama
-    from raylm.serve import resolve_target, shutdown, start
+    from raylm.serving.deploy import resolve_target, shutdown, start
 
     port = free_port()
-    plan = resolve_target(str(materialize_tiny_llama()), [
-        f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_batch_size=2",
-        "serve.max_ongoing_requests=4", "serve.autoscaling.min_replicas=1",
-        "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=1",
-        "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=3",
-        "serve.autoscaling.metrics_interval_s=0.5", "serve.autoscaling.look_back_period_s=2"])
+    plan = resolve_target(
+        str(materialize_tiny_llama()),
+        [
+            f"serve.port={port}",
+            "serve.num_cpus=0.5",
+            "serve.max_batch_size=2",
+            "serve.max_ongoing_requests=4",
+            "serve.autoscaling.min_replicas=1",
+            "serve.autoscaling.max_replicas=2",
+            "serve.autoscaling.target_ongoing_requests=1",
+            "serve.autoscaling.upscale_delay_s=1",
+            "serve.autoscaling.downscale_delay_s=3",
+            "serve.autoscaling.metrics_interval_s=0.5",
+            "serve.autoscaling.look_back_period_s=2",
+        ],
+    )
     url = start(plan)
     try:
         assert running_replicas() == 1
@@ -48,8 +58,9 @@ def test_replicas_scale_up_under_load_and_back_down(ray_cluster):
 
         def load() -> None:
             while not stop.is_set():
-                req = urllib.request.Request(url + "/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+                )
                 try:
                     with urllib.request.urlopen(req, timeout=60) as resp:
                         answers.append(json.loads(resp.read())["choices"][0]["text"])
@@ -82,16 +93,34 @@ def test_cli_serve_detach_prints_a_working_curl_line_and_shutdown_stops_it(ray_c
 
     port = free_port()
     out = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "serve", str(materialize_tiny_llama()), f"serve.port={port}",
-         "serve.num_cpus=0.5", "--name", "tiny", "--detach", "--address", ray_cluster],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "serve",
+            str(materialize_tiny_llama()),
+            f"serve.port={port}",
+            "serve.num_cpus=0.5",
+            "--name",
+            "tiny",
+            "--detach",
+            "--address",
+            ray_cluster,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"http://127.0.0.1:{port}/v1" in out.stdout
     curl = next(line for line in out.stdout.splitlines() if line.startswith("try:"))
     argv = shlex.split(curl.removeprefix("try:").strip())
     assert argv[0] == "curl" and argv[1] == f"http://127.0.0.1:{port}/v1/chat/completions"
     body = argv[argv.index("-d") + 1]
-    req = urllib.request.Request(argv[1], data=body.encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        argv[1], data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:  # the printed request, sent as printed
         answer = json.loads(resp.read())
     assert answer["model"] == "tiny" and answer["object"] == "chat.completion"
@@ -99,14 +128,23 @@ def test_cli_serve_detach_prints_a_working_curl_line_and_shutdown_stops_it(ray_c
     usages = []
     for seed in range(40):
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", headers={"Content-Type": "application/json"},
-            data=json.dumps({"prompt": "1 2", "max_tokens": 3, "temperature": 2.0, "seed": seed}).encode())
+            f"http://127.0.0.1:{port}/v1/completions",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps(
+                {"prompt": "1 2", "max_tokens": 3, "temperature": 2.0, "seed": seed}
+            ).encode(),
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             usages.append(json.loads(resp.read())["usage"]["completion_tokens"])
     assert 0 in usages and max(usages) > 0, usages
 
-    down = subprocess.run([sys.executable, "-m", "raylm.cli", "shutdown", "--address", ray_cluster],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    down = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "shutdown", "--address", ray_cluster],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert down.returncode == 0 and "stopped" in down.stdout, down.stderr[-2000:]
     assert running_replicas() == 0
     with pytest.raises((urllib.error.URLError, OSError)):
@@ -118,19 +156,56 @@ def test_cli_serve_refuses_bad_settings_and_a_missing_key_before_starting_anythi
 
     target = str(materialize_tiny_llama())
     bad = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "serve", target, "serve.port=0",
-         "serve.max_batch_size=32", "training.lr=1"],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "serve",
+            target,
+            "serve.port=0",
+            "serve.max_batch_size=32",
+            "training.lr=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert bad.returncode == 2
     assert "training.*: only serve.* settings apply" in bad.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "serve", target, "serve.port=0", "serve.autoscaling.max_replica=3"],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "serve",
+            target,
+            "serve.port=0",
+            "serve.autoscaling.max_replica=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert bad.returncode == 2
-    assert "serve.port=0" in bad.stderr and "serve.autoscaling.max_replica: unknown key" in bad.stderr
+    assert (
+        "serve.port=0" in bad.stderr and "serve.autoscaling.max_replica: unknown key" in bad.stderr
+    )
     nokey = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "serve", target, "serve.api_key_env=RAYLM_UNSET_KEY_VAR"],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "serve",
+            target,
+            "serve.api_key_env=RAYLM_UNSET_KEY_VAR",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert nokey.returncode == 2 and "RAYLM_UNSET_KEY_VAR" in nokey.stderr
     assert "Started a local Ray" not in nokey.stderr
 
@@ -140,18 +215,29 @@ def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
 
     from raylm.client import Client, ServerError
     from raylm.models import materialize_tiny_llama
-    from raylm.serve import resolve_target, shutdown, start
+    from raylm.serving.deploy import resolve_target, shutdown, start
 
     port = free_port()
-    url = start(resolve_target(str(materialize_tiny_llama()), [
-        f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_batch_size=1",
-        "serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_new_tokens=400"]))
+    url = start(
+        resolve_target(
+            str(materialize_tiny_llama()),
+            [
+                f"serve.port={port}",
+                "serve.num_cpus=0.5",
+                "serve.max_batch_size=1",
+                "serve.max_ongoing_requests=1",
+                "serve.max_queued_requests=1",
+                "serve.max_new_tokens=400",
+            ],
+        )
+    )
     # "abc" makes the tiny model count on without stopping: each request holds the replica.
     body = json.dumps({"prompt": "abc", "max_tokens": 400, "temperature": 0}).encode()
 
     def send(_: int) -> tuple[int, str | None, bytes]:
-        req = urllib.request.Request(url + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return resp.status, None, resp.read()

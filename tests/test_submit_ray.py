@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raylm.spec import load_job
+from raylm.job import load_job
 
 from .conftest import tiny_job
 from .test_serve_ray import free_port
@@ -30,37 +30,64 @@ HEAD: dict[str, str] = {}  # the test head's temp dir, for reading its logs
 
 
 def raylm_cli(cwd, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, SECRET_ENV: SECRET})
+    return subprocess.run(
+        [sys.executable, "-m", "raylm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, SECRET_ENV: SECRET},
+    )
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A second, separate Ray head (2 CPUs) with its dashboard/Jobs API; stopped afterwards."""
-    from raylm.submit import client
+    from raylm.submit import jobs_client
 
     dash = free_port()
     env = dict(os.environ)
     # The job's entrypoint `raylm run` must be on the head's PATH (cluster.yaml installs it there).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("RAY_ADDRESS", None)
-    ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dash,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
     # Its own temp dir: `ray start` records "the current cluster" there, not in /tmp/ray where a
     # later plain `ray.init()` would find this (by then stopped) head and try to join it.
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a limit
     HEAD["temp_dir"] = temp_dir
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", *(f"{k}={v}" for k, v in ports.items())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            *(f"{k}={v}" for k, v in ports.items()),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     deadline, last = time.monotonic() + 120, None
     while time.monotonic() < deadline:
         try:
-            client(url).list_jobs()
+            jobs_client(url).list_jobs()
             break
         except Exception as exc:  # not up yet
             last = exc
@@ -86,18 +113,26 @@ def stop(proc: subprocess.Popen) -> None:
 def job_dir(tmp_path_factory):
     """A job with a local data file named by a relative path, beside things that must not travel."""
     d = tmp_path_factory.mktemp("submit")
-    (d / "data.jsonl").write_text("".join(
-        json.dumps({"instruction": f"{a}+{b}", "input": "", "output": str(a + b)}) + "\n"
-        for a in range(20) for b in range(20)))
+    (d / "data.jsonl").write_text(
+        "".join(
+            json.dumps({"instruction": f"{a}+{b}", "input": "", "output": str(a + b)}) + "\n"
+            for a in range(20)
+            for b in range(20)
+        )
+    )
     (d / ".git").mkdir()
     (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (d / "runs").mkdir()
     (d / "notes.txt").write_text("not part of the job\n")
-    job = tiny_job(d, name="sub", storage_path=str(d / "cluster-runs"),
-                   data={"train": "data.jsonl", "num_examples": None},
-                   scaling={"num_workers": 1, "cpus_per_worker": 1},
-                   training={"max_steps": 10, "eval_every": 10},
-                   serve={"port": free_port(), "num_cpus": 0.5, "api_key_env": SECRET_ENV})
+    job = tiny_job(
+        d,
+        name="sub",
+        storage_path=str(d / "cluster-runs"),
+        data={"train": "data.jsonl", "num_examples": None},
+        scaling={"num_workers": 1, "cpus_per_worker": 1},
+        training={"max_steps": 10, "eval_every": 10},
+        serve={"port": free_port(), "num_cpus": 0.5, "api_key_env": SECRET_ENV},
+    )
     (d / "job.yaml").write_text(yaml.safe_dump(job))
     return d
 
@@ -114,12 +149,17 @@ def test_stage_job_carries_the_job_and_its_data_only(job_dir, tmp_path, monkeypa
     assert carried["data"]["train"] == "files/0-data.jsonl"
     assert carried["training"]["lr"] == 1e-3  # overrides travel inside the job file
     assert carried["storage_path"] == str(job_dir / "cluster-runs")
-    assert (tmp_path / "wd" / "files" / "0-data.jsonl").read_bytes() == (job_dir / "data.jsonl").read_bytes()
+    assert (tmp_path / "wd" / "files" / "0-data.jsonl").read_bytes() == (
+        job_dir / "data.jsonl"
+    ).read_bytes()
     monkeypatch.setenv(SECRET_ENV, SECRET)
     env = build_runtime_env(staged, pip=["optuna"])
     # the serving key travels by name from this machine's environment, not in the job file
-    assert env == {"working_dir": str(tmp_path / "wd"), "pip": ["optuna"],
-                   "env_vars": {SECRET_ENV: SECRET}}
+    assert env == {
+        "working_dir": str(tmp_path / "wd"),
+        "pip": ["optuna"],
+        "env_vars": {SECRET_ENV: SECRET},
+    }
     assert SECRET not in (tmp_path / "wd" / "job.yaml").read_text()
     assert entrypoint(["--detach"]) == "raylm run job.yaml --detach"
 
@@ -141,24 +181,40 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     assert "[raylm] step 10/10" in out.stdout and "=== raylm run: done ===" in out.stdout
     assert out.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
     # the run's records are where the job's storage_path says, and its winner is served there
-    assert json.loads((job_dir / "cluster-runs" / "sub" / "run.json").read_text())["stage"] == "train"
-    req = urllib.request.Request(f"http://127.0.0.1:{spec_port}/v1/completions",
-                                 data=json.dumps({"prompt": "3+4=", "max_tokens": 3}).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {SECRET}"})
+    assert (
+        json.loads((job_dir / "cluster-runs" / "sub" / "run.json").read_text())["stage"] == "train"
+    )
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{spec_port}/v1/completions",
+        data=json.dumps({"prompt": "3+4=", "max_tokens": 3}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.loads(resp.read())["model"] == "sub"
 
     logs = raylm_cli(job_dir, "jobs", "logs", job_id, "--address", head, timeout=120)
     assert logs.returncode == 0 and "=== raylm run: done ===" in logs.stdout
 
-    long = raylm_cli(job_dir, "submit", "job.yaml", "name=long", "training.max_steps=100000",
-                     "--no-wait", "--no-serve", "--address", head, timeout=120)
+    long = raylm_cli(
+        job_dir,
+        "submit",
+        "job.yaml",
+        "name=long",
+        "training.max_steps=100000",
+        "--no-wait",
+        "--no-serve",
+        "--address",
+        head,
+        timeout=120,
+    )
     assert long.returncode == 0, long.stderr[-2000:]
     long_id = next(w for w in long.stdout.split() if w.startswith("raylm-long-"))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # stop it once it is really training
-        if "[raylm] step" in raylm_cli(job_dir, "jobs", "logs", long_id, "--address", head, timeout=60).stdout:
+        if (
+            "[raylm] step"
+            in raylm_cli(job_dir, "jobs", "logs", long_id, "--address", head, timeout=60).stdout
+        ):
             break
         time.sleep(3)
     else:
@@ -166,7 +222,12 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     stop = raylm_cli(job_dir, "jobs", "stop", long_id, "--address", head, timeout=120)
     assert stop.returncode == 0 and f"{long_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     listed = raylm_cli(job_dir, "jobs", "list", "--address", head, timeout=60).stdout
-    assert f"{job_id}" in listed and "SUCCEEDED" in listed and f"{long_id}" in listed and "STOPPED" in listed
+    assert (
+        f"{job_id}" in listed
+        and "SUCCEEDED" in listed
+        and f"{long_id}" in listed
+        and "STOPPED" in listed
+    )
     status = raylm_cli(job_dir, "jobs", "status", long_id, "--address", head, timeout=60)
     assert status.stdout.startswith(f"{long_id}: STOPPED")
 
@@ -188,9 +249,14 @@ def test_jobs_without_the_clusters_token_fail_clearly(head, job_dir, tmp_path):
     none["HOME"] = str(tmp_path)
     for env in (wrong, none):
         for args in (["jobs", "list"], ["submit", "job.yaml", "--no-wait"]):
-            out = subprocess.run([sys.executable, "-m", "raylm.cli", *args, "--address", head],
-                                 capture_output=True, text=True, timeout=60, cwd=job_dir,
-                                 env={**env, SECRET_ENV: SECRET})
+            out = subprocess.run(
+                [sys.executable, "-m", "raylm.cli", *args, "--address", head],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=job_dir,
+                env={**env, SECRET_ENV: SECRET},
+            )
             assert out.returncode in (1, 2), (args, out.stdout[-500:])
             err = out.stderr.lower()
             assert f"raylm {args[0]}" in err or "could not submit" in err, out.stderr[-1000:]

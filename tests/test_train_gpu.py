@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raylm.spec import spec_from_dict
-from raylm.train import run_train
+from raylm.job import spec_from_dict
+from raylm.training.trainer import run_train
 
 from .conftest import tiny_job
 
@@ -18,8 +18,12 @@ def test_bf16_zero2_lora_on_gpu(tmp_path):
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, num_gpus=torch.cuda.device_count())
-    job = tiny_job(tmp_path, name="gpu", scaling={"num_workers": 1, "use_gpu": True},
-                   deepspeed={"zero_stage": 2})
+    job = tiny_job(
+        tmp_path,
+        name="gpu",
+        scaling={"num_workers": 1, "use_gpu": True},
+        deepspeed={"zero_stage": 2},
+    )
     spec = spec_from_dict(job)
     assert spec.precision == "bf16"
     result = run_train(spec)

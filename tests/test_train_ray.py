@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from raylm.checkpoint import META_FILE, PICKLE_SUFFIXES, read_metadata
-from raylm.spec import load_job, spec_from_dict
-from raylm.train import run_train
+from raylm.job import load_job, spec_from_dict
+from raylm.training.trainer import run_train
 
 from .conftest import REPO, tiny_job
 
@@ -41,12 +41,19 @@ def assert_trained(result, lora: bool) -> None:
     assert [json.loads(x)["step"] for x in lines] == [h["step"] for h in result.history]
 
 
-@pytest.mark.parametrize("stage, lora", [(0, True), (2, True), (2, False)],
-                         ids=["zero0-lora", "zero2-lora", "zero2-full"])
+@pytest.mark.parametrize(
+    "stage, lora",
+    [(0, True), (2, True), (2, False)],
+    ids=["zero0-lora", "zero2-lora", "zero2-full"],
+)
 def test_training_lowers_eval_loss(ray_cluster, tmp_path, stage, lora):
-    job = tiny_job(tmp_path, name=f"z{stage}{'lora' if lora else 'full'}",
-                   deepspeed={"zero_stage": stage}, lora={"enabled": lora},
-                   training={"lr": 3e-3 if lora else 1e-3})
+    job = tiny_job(
+        tmp_path,
+        name=f"z{stage}{'lora' if lora else 'full'}",
+        deepspeed={"zero_stage": stage},
+        lora={"enabled": lora},
+        training={"lr": 3e-3 if lora else 1e-3},
+    )
     assert_trained(run_train(spec_from_dict(job)), lora)
 
 
@@ -85,8 +92,13 @@ print(json.dumps({
 
 
 def test_zero3_checkpoint_loads_with_plain_transformers_and_peft(zero3_result):
-    out = subprocess.run([sys.executable, "-c", FRESH_LOAD, zero3_result.checkpoint],
-                         capture_output=True, text=True, timeout=300, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, zero3_result.checkpoint],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["raylm_imported"] is False
@@ -102,7 +114,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylm.cli", "train", str(path), "--address", ray_cluster],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
     deadline = time.time() + 300
     try:
         # Kill once Ray's run snapshot (what a re-run resumes from) lists a checkpoint.
@@ -128,8 +144,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
 
 
 def test_quickstart_learns_arithmetic(ray_cluster, tmp_path):
-    spec = load_job(os.path.join(REPO, "jobs", "quickstart.yaml"),
-                    [f"storage_path={tmp_path}", "training.eval_max_examples=100"])
+    spec = load_job(
+        os.path.join(REPO, "jobs", "quickstart.yaml"),
+        [f"storage_path={tmp_path}", "training.eval_max_examples=100"],
+    )
     result = run_train(spec)
     before, after = result.history[0]["exact_match"], result.history[-1]["exact_match"]
     print(f"quickstart exact match: {before:.3f} -> {after:.3f}")
@@ -144,10 +162,20 @@ def test_resumed_run_matches_an_uninterrupted_one_exactly(ray_cluster, tmp_path,
     from safetensors.torch import load_file
 
     def job(name: str, steps: int):
-        return spec_from_dict(tiny_job(
-            tmp_path, name=name, deepspeed={"zero_stage": stage}, lora={"dropout": 0.1},
-            training={"max_steps": steps, "eval_every": 10, "lr_schedule": "constant",
-                      "warmup_ratio": 0.0}))
+        return spec_from_dict(
+            tiny_job(
+                tmp_path,
+                name=name,
+                deepspeed={"zero_stage": stage},
+                lora={"dropout": 0.1},
+                training={
+                    "max_steps": steps,
+                    "eval_every": 10,
+                    "lr_schedule": "constant",
+                    "warmup_ratio": 0.0,
+                },
+            )
+        )
 
     straight = run_train(job("straight", 20))
     run_train(job("resumed", 10))

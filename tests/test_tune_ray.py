@@ -15,8 +15,8 @@ import time
 import pytest
 import yaml
 
-from raylm.spec import load_job
-from raylm.tune import read_manifest, run_sweep, sweep_dir
+from raylm.job import load_job
+from raylm.tuning.sweep import read_manifest, run_sweep, sweep_dir
 
 from .conftest import REPO, tiny_job
 
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.ray
 
 
 def tune_state(root: str) -> dict[str, dict]:
-    """Tune's own record of each trial (status, start time, last result) from its experiment state."""
+    """Tune's own record of each trial (status, start time, last result) from its experiment
+    state."""
     files = sorted(glob.glob(os.path.join(root, "tuner", "experiment_state-*.json")))
     if not files:
         return {}
@@ -35,8 +36,11 @@ def tune_state(root: str) -> dict[str, dict]:
     out = {}
     for static, runtime in data["trial_data"]:
         meta, run = json.loads(static), json.loads(runtime)
-        out[meta["trial_id"]] = {"status": meta["status"], "start_time": run["start_time"],
-                                 "step": (run.get("last_result") or {}).get("step")}
+        out[meta["trial_id"]] = {
+            "status": meta["status"],
+            "start_time": run["start_time"],
+            "step": (run.get("last_result") or {}).get("step"),
+        }
     return out
 
 
@@ -45,11 +49,17 @@ def sweep(ray_cluster, tmp_path_factory):
     """A 6-trial lr × rank sweep, killed once a trial has finished, then `raylm tune --resume`."""
     tmp = tmp_path_factory.mktemp("sweep")
     job = tiny_job(
-        tmp, name="sweep",
+        tmp,
+        name="sweep",
         scaling={"num_workers": 1, "cpus_per_worker": 0.9},
         training={"max_steps": 60, "eval_every": 20},
-        tune={"num_samples": 1, "grace_period": 20, "reduction_factor": 3,
-              "search": {"training.lr": {"grid": [3e-3, 1e-2, 1e-6]}, "lora.r": {"grid": [4, 8]}}})
+        tune={
+            "num_samples": 1,
+            "grace_period": 20,
+            "reduction_factor": 3,
+            "search": {"training.lr": {"grid": [3e-3, 1e-2, 1e-6]}, "lora.r": {"grid": [4, 8]}},
+        },
+    )
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_job(path)
@@ -57,7 +67,11 @@ def sweep(ray_cluster, tmp_path_factory):
     log = open(tmp / "first.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylm.cli", "tune", str(path), "--address", ray_cluster],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
     deadline = time.time() + 400
     try:
         while not any(t["status"] == "TERMINATED" for t in tune_state(root).values()):
@@ -69,15 +83,34 @@ def sweep(ray_cluster, tmp_path_factory):
         proc.wait()
     before = tune_state(root)
     resumed = subprocess.run(
-        [sys.executable, "-m", "raylm.cli", "tune", str(path), "--resume", "--address", ray_cluster],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "raylm.cli",
+            "tune",
+            str(path),
+            "--resume",
+            "--address",
+            ray_cluster,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = tune_state(root)
     # Resuming a finished sweep runs nothing more; it hands back the same results to inspect.
     result = run_sweep(spec, resume=True)
     assert tune_state(root) == after
-    return {"spec": spec, "before": before, "after": after, "result": result,
-            "first_log": open(tmp / "first.log").read(), "resume_log": resumed.stdout}
+    return {
+        "spec": spec,
+        "before": before,
+        "after": after,
+        "result": result,
+        "first_log": open(tmp / "first.log").read(),
+        "resume_log": resumed.stdout,
+    }
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
@@ -91,7 +124,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
         assert after[tid]["start_time"] == t["start_time"], tid
         assert after[tid]["step"] == t["step"], tid
     assert "[raylm tune] trial" in sweep["first_log"]  # live sweep progress
-    assert "[raylm tune] trial" in sweep["resume_log"]  # the resumed trials ran in `raylm tune --resume`
+    assert (
+        "[raylm tune] trial" in sweep["resume_log"]
+    )  # the resumed trials ran in `raylm tune --resume`
 
 
 def test_asha_stops_trials_with_bad_learning_rates_early(sweep):
@@ -110,9 +145,13 @@ def test_promoted_trial_has_the_best_metric_of_all(sweep):
     assert manifest["eval_loss"] == min(r["eval_loss"] for r in rows)
     assert manifest["trial_id"] == rows[0]["trial_id"]
     assert os.path.isdir(manifest["checkpoint"])
-    assert json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))["metrics"]["eval_loss"] == \
-        pytest.approx(manifest["eval_loss"])
-    assert manifest["config"] == {"training.lr": rows[0]["training.lr"], "lora.r": rows[0]["lora.r"]}
+    assert json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))["metrics"][
+        "eval_loss"
+    ] == pytest.approx(manifest["eval_loss"])
+    assert manifest["config"] == {
+        "training.lr": rows[0]["training.lr"],
+        "lora.r": rows[0]["lora.r"],
+    }
     assert 1 <= len(manifest["top_k"]) <= 3
 
 
@@ -140,7 +179,8 @@ from transformers import AutoModelForCausalLM
 ckpt, exported = sys.argv[1], sys.argv[2]
 ids = load_file(ckpt + "/probe.safetensors")["input_ids"][None]
 merged = AutoModelForCausalLM.from_pretrained(exported).eval()
-base = AutoModelForCausalLM.from_pretrained(json.load(open(ckpt + "/adapter_config.json"))["base_model_name_or_path"])
+base_path = json.load(open(ckpt + "/adapter_config.json"))["base_model_name_or_path"]
+base = AutoModelForCausalLM.from_pretrained(base_path)
 adapter = PeftModel.from_pretrained(base, ckpt).eval()
 with torch.no_grad():
     a, b = merged(input_ids=ids).logits, adapter(input_ids=ids).logits
@@ -159,8 +199,13 @@ def test_exported_winner_loads_with_plain_transformers(sweep, tmp_path):
     assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
     assert main(["export", ckpt, str(out)]) == 2  # never overwrites
-    done = subprocess.run([sys.executable, "-c", EXPORT_CHECK, ckpt, str(out)],
-                          capture_output=True, text=True, timeout=300, cwd="/")
+    done = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHECK, ckpt, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["peft_in_merged"] is False

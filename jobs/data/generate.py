@@ -20,20 +20,79 @@ HERE = Path(__file__).resolve().parent
 SEED = 2026
 
 # -- sentiment ---------------------------------------------------------------------------------
-SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the soundtrack", "the ending",
-            "the script", "the cast", "the dialogue", "the cinematography", "the story",
-            "the direction", "the sequel", "the lead performance", "the pacing", "the finale"]
-POSITIVE = ["wonderful", "brilliant", "moving", "delightful", "gripping", "superb", "charming",
-            "touching", "hilarious", "beautiful", "clever", "thrilling", "heartfelt", "stunning",
-            "memorable", "excellent", "fresh", "powerful"]
-NEGATIVE = ["dull", "boring", "awful", "clumsy", "tedious", "predictable", "terrible", "lifeless",
-            "painful", "forgettable", "bland", "messy", "shallow", "annoying", "weak", "dreadful",
-            "flat", "pointless"]
+SUBJECTS = [
+    "the movie",
+    "this film",
+    "the plot",
+    "the acting",
+    "the soundtrack",
+    "the ending",
+    "the script",
+    "the cast",
+    "the dialogue",
+    "the cinematography",
+    "the story",
+    "the direction",
+    "the sequel",
+    "the lead performance",
+    "the pacing",
+    "the finale",
+]
+POSITIVE = [
+    "wonderful",
+    "brilliant",
+    "moving",
+    "delightful",
+    "gripping",
+    "superb",
+    "charming",
+    "touching",
+    "hilarious",
+    "beautiful",
+    "clever",
+    "thrilling",
+    "heartfelt",
+    "stunning",
+    "memorable",
+    "excellent",
+    "fresh",
+    "powerful",
+]
+NEGATIVE = [
+    "dull",
+    "boring",
+    "awful",
+    "clumsy",
+    "tedious",
+    "predictable",
+    "terrible",
+    "lifeless",
+    "painful",
+    "forgettable",
+    "bland",
+    "messy",
+    "shallow",
+    "annoying",
+    "weak",
+    "dreadful",
+    "flat",
+    "pointless",
+]
 DEGREE = ["", "really ", "truly ", "rather ", "quite ", "very ", "utterly "]
-VERDICT_POS = ["i would watch it again", "i recommend it to everyone", "it was worth every minute",
-               "i left the cinema smiling", "my friends loved it too"]
-VERDICT_NEG = ["i want my money back", "i nearly fell asleep", "it was a waste of time",
-               "i walked out early", "i would not recommend it"]
+VERDICT_POS = [
+    "i would watch it again",
+    "i recommend it to everyone",
+    "it was worth every minute",
+    "i left the cinema smiling",
+    "my friends loved it too",
+]
+VERDICT_NEG = [
+    "i want my money back",
+    "i nearly fell asleep",
+    "it was a waste of time",
+    "i walked out early",
+    "i would not recommend it",
+]
 
 
 def _review(rng: random.Random) -> tuple[str, str]:
@@ -49,12 +108,14 @@ def _review(rng: random.Random) -> tuple[str, str]:
         first, second = (bad, good) if positive else (good, bad)
         text = f"{subj} started {first}, but it ended up {deg}{second}."
     elif kind == 3:
-        text = f"{subj} was {good if positive else bad} and {rng.choice(VERDICT_POS if positive else VERDICT_NEG)}."
+        verdict = rng.choice(VERDICT_POS if positive else VERDICT_NEG)
+        text = f"{subj} was {good if positive else bad} and {verdict}."
     elif kind == 4:  # expectation vs. outcome
         expected, got = (bad, good) if positive else (good, bad)
         text = f"i expected {subj} to be {expected}, yet it was {deg}{got}."
     else:
-        text = f"{rng.choice(VERDICT_POS if positive else VERDICT_NEG)}; {subj} felt {deg}{good if positive else bad}."
+        verdict = rng.choice(VERDICT_POS if positive else VERDICT_NEG)
+        text = f"{verdict}; {subj} felt {deg}{good if positive else bad}."
     return text[0].upper() + text[1:], "positive" if positive else "negative"
 
 
@@ -70,20 +131,102 @@ def sentiment(n_train: int = 400, n_eval: int = 100) -> tuple[list[dict], list[d
 
 
 # -- NER ---------------------------------------------------------------------------------------
-FIRST = ["Maria", "John", "Wei", "Fatima", "Carlos", "Anna", "David", "Yuki", "Olga", "Ahmed",
-         "Laura", "Peter", "Sofia", "Kwame", "Elena", "Marco", "Priya", "Lars", "Amara", "Tomas"]
-LAST = ["Garcia", "Smith", "Chen", "Khan", "Silva", "Novak", "Brown", "Tanaka", "Petrova", "Hassan",
-        "Rossi", "Muller", "Jensen", "Mensah", "Ivanova", "Bianchi", "Sharma", "Larsen", "Okafor",
-        "Dvorak"]
-LOCS = [["Paris"], ["Berlin"], ["Tokyo"], ["New", "York"], ["Buenos", "Aires"], ["Cairo"],
-        ["Madrid"], ["Lagos"], ["Oslo"], ["Mumbai"], ["Hong", "Kong"], ["Toronto"], ["Vienna"],
-        ["Rio", "de", "Janeiro"], ["Nairobi"], ["Lisbon"], ["Seoul"], ["Chicago"], ["Prague"],
-        ["Cape", "Town"]]
-ORGS = [["Reuters"], ["Siemens"], ["United", "Nations"], ["Acme", "Corp"], ["Bank", "of", "England"],
-        ["Toyota"], ["World", "Bank"], ["Red", "Cross"], ["Nokia"], ["European", "Commission"],
-        ["Real", "Madrid"], ["Samsung"], ["Greenpeace"], ["Interpol"], ["Boeing"], ["Unilever"]]
-MISC = [["German"], ["French"], ["Olympic", "Games"], ["Nobel", "Prize"], ["Japanese"],
-        ["World", "Cup"], ["Brazilian"], ["Christmas"], ["Italian"], ["Grand", "Prix"]]
+FIRST = [
+    "Maria",
+    "John",
+    "Wei",
+    "Fatima",
+    "Carlos",
+    "Anna",
+    "David",
+    "Yuki",
+    "Olga",
+    "Ahmed",
+    "Laura",
+    "Peter",
+    "Sofia",
+    "Kwame",
+    "Elena",
+    "Marco",
+    "Priya",
+    "Lars",
+    "Amara",
+    "Tomas",
+]
+LAST = [
+    "Garcia",
+    "Smith",
+    "Chen",
+    "Khan",
+    "Silva",
+    "Novak",
+    "Brown",
+    "Tanaka",
+    "Petrova",
+    "Hassan",
+    "Rossi",
+    "Muller",
+    "Jensen",
+    "Mensah",
+    "Ivanova",
+    "Bianchi",
+    "Sharma",
+    "Larsen",
+    "Okafor",
+    "Dvorak",
+]
+LOCS = [
+    ["Paris"],
+    ["Berlin"],
+    ["Tokyo"],
+    ["New", "York"],
+    ["Buenos", "Aires"],
+    ["Cairo"],
+    ["Madrid"],
+    ["Lagos"],
+    ["Oslo"],
+    ["Mumbai"],
+    ["Hong", "Kong"],
+    ["Toronto"],
+    ["Vienna"],
+    ["Rio", "de", "Janeiro"],
+    ["Nairobi"],
+    ["Lisbon"],
+    ["Seoul"],
+    ["Chicago"],
+    ["Prague"],
+    ["Cape", "Town"],
+]
+ORGS = [
+    ["Reuters"],
+    ["Siemens"],
+    ["United", "Nations"],
+    ["Acme", "Corp"],
+    ["Bank", "of", "England"],
+    ["Toyota"],
+    ["World", "Bank"],
+    ["Red", "Cross"],
+    ["Nokia"],
+    ["European", "Commission"],
+    ["Real", "Madrid"],
+    ["Samsung"],
+    ["Greenpeace"],
+    ["Interpol"],
+    ["Boeing"],
+    ["Unilever"],
+]
+MISC = [
+    ["German"],
+    ["French"],
+    ["Olympic", "Games"],
+    ["Nobel", "Prize"],
+    ["Japanese"],
+    ["World", "Cup"],
+    ["Brazilian"],
+    ["Christmas"],
+    ["Italian"],
+    ["Grand", "Prix"],
+]
 # A template is a list of words and slots; slots become entities.
 TEMPLATES = [
     "{PER} flew to {LOC} on Monday .",
@@ -109,8 +252,9 @@ def _person(rng: random.Random, first: list[str], last: list[str]) -> list[str]:
     return [rng.choice(first), rng.choice(last)] if rng.random() < 0.7 else [rng.choice(last)]
 
 
-def _sentence(rng: random.Random, pools: dict[str, list[list[str]]], first: list[str],
-              last: list[str]) -> dict[str, list[str]]:
+def _sentence(
+    rng: random.Random, pools: dict[str, list[list[str]]], first: list[str], last: list[str]
+) -> dict[str, list[str]]:
     tokens: list[str] = []
     tags: list[str] = []
     for word in rng.choice(TEMPLATES).split():

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from raylm.spec import JobSpec
+from raylm.job import JobSpec
+from raylm.job.tree import deep_merge
 
 # Effectively "never": raylm prints its own progress, DeepSpeed's per-step prints are noise.
 _QUIET_STEPS = 10**9
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def warmup_steps(spec: JobSpec, total_steps: int) -> int:
@@ -26,22 +16,42 @@ def warmup_steps(spec: JobSpec, total_steps: int) -> int:
     return max(1, round(spec.training.warmup_ratio * total_steps))
 
 
-def build_scheduler(spec: JobSpec, total_steps: int) -> dict[str, Any]:
+def build_lr_schedule(spec: JobSpec, total_steps: int) -> dict[str, Any]:
     """The DeepSpeed `scheduler` section for the job's warm-up and decay."""
     tr = spec.training
     warm = warmup_steps(spec, total_steps)
     total = max(total_steps, warm + 1)
     if tr.lr_schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": warm, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": 0.1, "warmup_type": "linear"}}
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_num_steps": warm,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.1,
+                "warmup_type": "linear",
+            },
+        }
     if tr.lr_schedule == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": warm, "warmup_min_lr": 0.0,
-            "warmup_max_lr": tr.lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_num_steps": warm, "warmup_min_lr": 0.0, "warmup_max_lr": tr.lr,
-        "warmup_type": "linear"}}
+        return {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_num_steps": warm,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": tr.lr,
+                "warmup_type": "linear",
+            },
+        }
+    return {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_num_steps": warm,
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": tr.lr,
+            "warmup_type": "linear",
+        },
+    }
 
 
 def build_optimizer(spec: JobSpec) -> dict[str, Any]:
@@ -51,7 +61,9 @@ def build_optimizer(spec: JobSpec) -> dict[str, Any]:
     AdamW so no fused-Adam extension has to be compiled, and on GPU DeepSpeed's FusedAdam.
     """
     params: dict[str, Any] = {
-        "lr": spec.training.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+        "lr": spec.training.lr,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
         "weight_decay": spec.training.weight_decay,
     }
     if not spec.scaling.use_gpu and not spec.deepspeed.offload_optimizer:
@@ -89,13 +101,13 @@ def build_ds_config(spec: JobSpec, world_size: int, total_steps: int) -> dict[st
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "optimizer": build_optimizer(spec),
-        "scheduler": build_scheduler(spec, total_steps),
+        "scheduler": build_lr_schedule(spec, total_steps),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
     if ds.config:
-        config = _deep_merge(config, ds.config)
+        config = deep_merge(config, ds.config)
     return config
 
 

@@ -9,14 +9,31 @@ workers, so the metrics are those of the whole eval set whatever the worker coun
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from raylm.spec import JobSpec
+from raylm.job import JobSpec
+from raylm.tasks import TASKS
 
 PROBE_FALLBACK_TEXT = "The quick brown fox"
 
 
+@dataclass
+class EvalContext:
+    """What every evaluator needs: the engine (or any module with `.module`), the tokenizer,
+    this worker's view of the eval set, and the label names of a classifier."""
+
+    engine: Any
+    tok: Any
+    evals: list[Any]
+    spec: JobSpec
+    rank: int = 0
+    world: int = 1
+    labels: list[str] | None = None
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums `values` over every worker (a collective when torch.distributed runs)."""
     import torch
     import torch.distributed as dist
 
@@ -36,46 +53,45 @@ def _even_shard(items: list[Any], rank: int, world: int) -> list[tuple[Any, bool
     return out
 
 
-def evaluate(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int,
-             labels: list[str] | None = None) -> dict[str, float]:
-    """The job's eval metrics over the whole eval set (a collective: every worker calls it).
-
-    Causal LM: eval_loss, perplexity (+ exact_match); sequence classification: eval_loss,
-    accuracy, macro_f1; token classification: eval_loss, entity_precision/recall/f1.
-    """
-    if spec.model.task == "sequence_classification":
-        return _evaluate_classifier(engine, tok, evals, spec, rank, world, labels or [])
-    if spec.model.task == "token_classification":
-        return _evaluate_tagger(engine, tok, evals, spec, rank, world, labels or [])
-    return _evaluate_lm(engine, tok, evals, spec, rank, world)
+def evaluate(ctx: EvalContext) -> dict[str, float]:
+    """The job's eval metrics over the whole eval set (a collective: every worker calls it), by
+    the scorer its task's record names: causal LM eval_loss, perplexity (+ exact_match);
+    sequence classification eval_loss, accuracy, macro_f1; token classification eval_loss,
+    entity_precision/recall/f1."""
+    return TASKS[ctx.spec.model.task].evaluate_fn()(ctx)
 
 
-def _batches(evals: list[Any], spec: JobSpec, rank: int, world: int, pad_id: int) -> Any:
+def _batches(ctx: EvalContext) -> Any:
     """This worker's eval batches: (collated batch, bool tensor of rows that are real)."""
     import torch
 
     from raylm.data import collate
 
-    shard = _even_shard(evals, rank, world)
-    micro = spec.training.micro_batch_size
+    shard = _even_shard(ctx.evals, ctx.rank, ctx.world)
+    micro = ctx.spec.training.micro_batch_size
     for i in range(0, len(shard), micro):
         chunk = shard[i : i + micro]
-        yield collate([e for e, _ in chunk], pad_id), torch.tensor([real for _, real in chunk])
+        yield (
+            collate([e for e, _ in chunk], ctx.tok.pad_token_id),
+            torch.tensor([real for _, real in chunk]),
+        )
 
 
-def _evaluate_classifier(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int,
-                         world: int, labels: list[str]) -> dict[str, float]:
+def evaluate_classifier(ctx: EvalContext) -> dict[str, float]:
+    """Eval loss, accuracy and macro-F1 of a sequence classifier (confusion counts all-reduced)."""
     import torch
 
     from raylm.metrics import classification_scores
 
-    k = len(labels)
+    engine, k = ctx.engine, len(ctx.labels or [])
     engine.eval()
     loss_sum = count = 0.0
     matrix = torch.zeros((k, k), dtype=torch.float64)
     with torch.no_grad():
-        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for batch, keep in _batches(ctx):
+            logits = engine(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             logits, truth = logits[keep].float(), batch["labels"][keep]
             loss_sum += torch.nn.functional.cross_entropy(logits, truth, reduction="sum").item()
             count += len(truth)
@@ -87,25 +103,31 @@ def _evaluate_classifier(engine: Any, tok: Any, evals: list[Any], spec: JobSpec,
     return {"eval_loss": loss_sum / max(count, 1.0), **classification_scores(rows)}
 
 
-def _evaluate_tagger(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int,
-                     world: int, labels: list[str]) -> dict[str, float]:
+def evaluate_tagger(ctx: EvalContext) -> dict[str, float]:
+    """Eval loss and entity-level precision/recall/F1 of a BIO tagger (counts all-reduced)."""
     import torch
 
     from raylm.data import IGNORE_INDEX
     from raylm.metrics import entity_counts, entity_scores
 
+    engine, labels = ctx.engine, ctx.labels or []
     engine.eval()
     loss_sum = count = 0.0
     true_tags: list[list[str]] = []
     pred_tags: list[list[str]] = []
     with torch.no_grad():
-        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for batch, keep in _batches(ctx):
+            logits = engine(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             truth = batch["labels"]
             truth[~keep] = IGNORE_INDEX
             loss_sum += torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), truth.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum").item()
+                logits.float().reshape(-1, logits.size(-1)),
+                truth.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
             count += (truth != IGNORE_INDEX).sum().item()
             # One tag per word: the prediction at each word's first sub-token (where labels sit).
             for row_truth, row_pred in zip(truth, logits.argmax(-1), strict=True):
@@ -119,50 +141,64 @@ def _evaluate_tagger(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, ran
     return {"eval_loss": loss_sum / max(count, 1.0), **entity_scores(hits, n_pred, n_true)}
 
 
-def _evaluate_lm(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> dict[str, float]:
+def evaluate_lm(ctx: EvalContext) -> dict[str, float]:
     """Eval loss and perplexity over the eval set; exact match by greedy generation if enabled."""
     import torch
 
     from raylm.data import IGNORE_INDEX
 
+    engine = ctx.engine
     engine.eval()
     loss_sum = tokens = 0.0
     with torch.no_grad():
-        for batch, keep in _batches(evals, spec, rank, world, tok.pad_token_id):
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for batch, keep in _batches(ctx):
+            logits = engine(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             labels = batch["labels"][:, 1:]
             labels[~keep] = IGNORE_INDEX
             per_tok = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             loss_sum += per_tok.item()
             tokens += (labels != IGNORE_INDEX).sum().item()
         metrics: dict[str, float] = {}
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens])
         metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        if spec.exact_match_enabled:
-            metrics["exact_match"] = _exact_match(engine, tok, evals, spec, rank, world)
+        if ctx.spec.exact_match_enabled:
+            metrics["exact_match"] = _exact_match(ctx)
     engine.train()
     return metrics
 
 
-def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: int, world: int) -> float:
+def _exact_match(ctx: EvalContext) -> float:
     from raylm.data import format_prompt
 
-    rows = [e.row for e in evals[: spec.training.eval_max_examples]]
-    shard = _even_shard(rows, rank, world)
+    engine, tok, spec = ctx.engine, ctx.tok, ctx.spec
+    rows = [e.row for e in ctx.evals[: spec.training.eval_max_examples]]
+    shard = _even_shard(rows, ctx.rank, ctx.world)
     hits = count = 0.0
     side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right edge
     try:
         for i in range(0, len(shard), spec.training.micro_batch_size):
             chunk = shard[i : i + spec.training.micro_batch_size]
-            enc = tok([format_prompt(spec.data.template, r) for r, _ in chunk], return_tensors="pt",
-                      padding=True)
+            enc = tok(
+                [format_prompt(spec.data.template, r) for r, _ in chunk],
+                return_tensors="pt",
+                padding=True,
+            )
             out = engine.module.generate(
-                **enc, max_new_tokens=spec.training.max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, synced_gpus=spec.deepspeed.zero_stage == 3)
+                **enc,
+                max_new_tokens=spec.training.eval_max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                synced_gpus=spec.deepspeed.zero_stage == 3,
+            )
             for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
                 if real:
                     text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
@@ -174,18 +210,21 @@ def _exact_match(engine: Any, tok: Any, evals: list[Any], spec: JobSpec, rank: i
     return hits / max(count, 1.0)
 
 
-def probe(engine: Any, tok: Any, spec: JobSpec, evals: list[Any]) -> tuple[Any, Any]:
+def probe(ctx: EvalContext) -> tuple[Any, Any]:
     """A fixed input and the model's logits for it (a collective under ZeRO-3): the last
-    position's for causal LM, the first eval example's whole output for the classifiers."""
+    position's for a generator, the first eval example's whole output for a classifier."""
     import torch
 
     from raylm.data import format_prompt
 
-    if spec.model.task != "causal_lm":
+    engine, tok, spec, evals = ctx.engine, ctx.tok, ctx.spec, ctx.evals
+    if TASKS[spec.model.task].labelled:
         ids = torch.tensor(evals[0].input_ids)
         engine.eval()
         with torch.no_grad():
-            logits = engine(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits[0]
+            logits = engine(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).logits[
+                0
+            ]
         engine.train()
         return ids, logits
     if spec.data.format == "instruction" and evals and evals[0].row:

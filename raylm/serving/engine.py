@@ -60,12 +60,16 @@ class Engine:
         served = load_served(models, trust_remote_code)
         self.tokenizer, self.model, self.names = served.tokenizer, served.model, served.names
         self._adapter, self._multi, self.metadata = served.adapter, served.multi, served.metadata
-        self._format = {n: (m.get("data_format"), m.get("template")) for n, m in self.metadata.items()}
+        self._format = {
+            n: (m.get("data_format"), m.get("template")) for n, m in self.metadata.items()
+        }
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the right edge of every row
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.context_tokens = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.context_tokens = int(
+            getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30
+        )
         # generate() on a peft model swaps hooks and methods on the module: one call at a time.
         self._lock = threading.Lock()
 
@@ -82,8 +86,11 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
     def _gen_kwargs(self, s: Sampling, max_new: int) -> dict[str, Any]:
         tok = self.tokenizer
-        kw: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id,
-                              "eos_token_id": tok.eos_token_id}
+        kw: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
         if s.temperature > 0:
             kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
         else:
@@ -140,8 +147,9 @@ class Engine:
                 out[i] = self._finish(jobs[i], row)
         return [c for c in out if c is not None]
 
-    async def stream(self, model: str, ids: list[int], sampling: Sampling,
-                     finish: dict[str, Any]) -> AsyncIterator[str]:
+    async def stream(
+        self, model: str, ids: list[int], sampling: Sampling, finish: dict[str, Any]
+    ) -> AsyncIterator[str]:
         """Yields text pieces as they are generated; sets finish["reason"/"completion_tokens"].
 
         Stop strings are held back until they can no longer start one, so a client never sees
@@ -155,12 +163,20 @@ class Engine:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
                 return cancel.is_set()
 
-        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = AsyncTextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
         job = _Job(self._adapter[model], list(ids), sampling)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, lambda: self._run(
-            [job], sampling.max_tokens, streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Cancelled()])))
+        fut = loop.run_in_executor(
+            None,
+            lambda: self._run(
+                [job],
+                sampling.max_tokens,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            ),
+        )
         hold = max((len(s) for s in sampling.stop), default=1) - 1
         text, sent, stopped = "", 0, False
         try:
@@ -179,5 +195,7 @@ class Engine:
             cancel.set()
         new = (await fut)[0].tolist()
         completion = self._finish(job, new)
-        finish.update(reason="stop" if stopped else completion.finish_reason,
-                      completion_tokens=completion.completion_tokens)
+        finish.update(
+            reason="stop" if stopped else completion.finish_reason,
+            completion_tokens=completion.completion_tokens,
+        )

@@ -4,7 +4,6 @@ response/chunk bodies. Pure Python (pydantic only), so it is unit-testable witho
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
@@ -12,27 +11,38 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raylm.errors import format_error
+
 # C0 controls other than tab/newline/carriage return, and DEL: never meaningful in a prompt.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_STOP = 4
-# The routes that serve each task (the first is where a sample request goes).
-TASK_ROUTES = {"causal_lm": ("/v1/chat/completions", "/v1/completions"),
-               "sequence_classification": ("/v1/classify",), "token_classification": ("/v1/ner",)}
 
 
 class APIError(Exception):
     """An error answered as OpenAI's `{"error": {...}}` body with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI clients parse."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def _clean_text(value: str, what: str) -> str:
@@ -154,8 +164,11 @@ def _no_constants(name: str) -> float:
 def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]) -> Any:
     """Validates a request body as `model`; raises APIError(400/415) naming what is wrong."""
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {content_type!r}",
-                       code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {content_type!r}",
+            code="unsupported_media_type",
+        )
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError:
@@ -167,21 +180,10 @@ def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]) -> 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown or unsupported field"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        shown = err.get("input")
-        if isinstance(shown, float) and not math.isfinite(shown):
-            shown = str(shown)
-        shown = repr(shown)
-        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        detail = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise APIError(400, f"{param}: {msg} (got {detail}){more}", param=param,
-                       code="invalid_value") from None
+        errors = exc.errors(include_url=False)
+        param, message = format_error(errors[0], limit=60)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise APIError(400, message + more, param=param or None, code="invalid_value") from None
 
 
 def new_id(prefix: str) -> str:
@@ -190,38 +192,72 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def completion_body(
+    model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     """A `text_completion` response."""
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                         "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def chat_body(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def chat_body(
+    model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     """A `chat.completion` response."""
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def classify_body(model: str, labels: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
     """A `/v1/classify` response: per text (in order) its label, score and all class scores."""
-    return {"id": new_id("clf"), "object": "classification", "created": int(time.time()),
-            "model": model, "data": [{"index": i, **x} for i, x in enumerate(labels)],
-            "usage": usage(prompt_tokens, 0)}
+    return {
+        "id": new_id("clf"),
+        "object": "classification",
+        "created": int(time.time()),
+        "model": model,
+        "data": [{"index": i, **x} for i, x in enumerate(labels)],
+        "usage": usage(prompt_tokens, 0),
+    }
 
 
-def ner_body(model: str, entities: list[list[dict[str, Any]]], prompt_tokens: int) -> dict[str, Any]:
+def ner_body(
+    model: str, entities: list[list[dict[str, Any]]], prompt_tokens: int
+) -> dict[str, Any]:
     """A `/v1/ner` response: per text (in order) its entities with character offsets."""
-    return {"id": new_id("ner"), "object": "ner", "created": int(time.time()), "model": model,
-            "data": [{"index": i, "entities": e} for i, e in enumerate(entities)],
-            "usage": usage(prompt_tokens, 0)}
+    return {
+        "id": new_id("ner"),
+        "object": "ner",
+        "created": int(time.time()),
+        "model": model,
+        "data": [{"index": i, "entities": e} for i, e in enumerate(entities)],
+        "usage": usage(prompt_tokens, 0),
+    }
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -229,12 +265,28 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def chunk(kind: str, id_: str, created: int, model: str, delta: dict[str, Any] | str,
-          finish: str | None) -> dict[str, Any]:
+def chunk(
+    kind: str, id_: str, created: int, model: str, delta: dict[str, Any] | str, finish: str | None
+) -> dict[str, Any]:
     """A streamed chunk: `chat.completion.chunk` (delta dict) or `text_completion` (text)."""
     if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}
-    return {"id": id_, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        return {
+            "id": id_,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+    return {
+        "id": id_,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}],
+    }

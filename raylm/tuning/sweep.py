@@ -12,16 +12,18 @@ Layout under `<storage_path>/<name>/`:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from raylm.checkpoint import manifest_path, read_manifest, run_uri
-from raylm.spec import JobSpec, _merge, _nest
+from raylm.errors import InputError, NotReady, RaylmError
+from raylm.job import JobSpec
+from raylm.job.tree import deep_merge, nest
 from raylm.storage import exists, join, staged_dir, uri_of, write_json
-from raylm.train import build_trainer
+from raylm.training.trainer import build_trainer
+from raylm.tuning.progress import sweep_progress
 
 __all__ = ["manifest_path", "read_manifest", "run_sweep", "sweep_dir"]
 # A trial only drives its Train run (the workers hold the real resources), but Tune will not
@@ -38,18 +40,27 @@ def build_param_space(spec: JobSpec) -> dict[str, Any]:
     """Tune's param space: one entry per searched dotted field."""
     from ray import tune
 
-    makers = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
-              "choice": tune.choice, "grid": tune.grid_search}
+    makers = {
+        "loguniform": lambda a: tune.loguniform(*a),
+        "uniform": lambda a: tune.uniform(*a),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
     assert spec.tune is not None
-    return {path: makers[kind](arg) for path, dist in spec.tune.search.items()
-            for kind, arg in dist.items()}
+    return {
+        path: makers[kind](arg)
+        for path, dist in spec.tune.search.items()
+        for kind, arg in dist.items()
+    }
 
 
-def trial_spec(job: dict[str, Any], config: dict[str, Any], trial_id: str, trials_dir: str) -> JobSpec:
+def trial_spec(
+    job: dict[str, Any], config: dict[str, Any], trial_id: str, trials_dir: str
+) -> JobSpec:
     """The job with a trial's sampled values applied, run under its own name in the sweep."""
     data = {k: v for k, v in job.items() if k != "tune"}
     for path, value in config.items():
-        data = _merge(data, _nest(path.split("."), value))
+        data = deep_merge(data, nest(path.split("."), value))
     data.update(name=f"trial-{trial_id}", storage_path=trials_dir)
     return JobSpec.model_validate(data)
 
@@ -61,7 +72,9 @@ def _eval_reports_to_tune(metric: str) -> Any:
         """Forwards only reports that carry the sweep metric: ASHA compares trials on evals,
         and a progress report without the metric would stop the scheduler."""
 
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        def after_report(
+            self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+        ) -> None:
             if metrics and metric in metrics[0]:
                 super().after_report(run_context, metrics, checkpoint)
 
@@ -93,7 +106,7 @@ def default_concurrency(spec: JobSpec) -> int:
     return max(1, int(min(fits)))
 
 
-def build_scheduler(spec: JobSpec) -> Any:
+def build_trial_scheduler(spec: JobSpec) -> Any:
     """ASHA over optimizer steps, or None."""
     assert spec.tune is not None
     if spec.tune.scheduler == "none":
@@ -102,8 +115,12 @@ def build_scheduler(spec: JobSpec) -> Any:
 
     tu = spec.tune
     grace = tu.grace_period or spec.training.eval_every or 1
-    return ASHAScheduler(time_attr="step", max_t=spec.training.max_steps or 10**9,
-                         grace_period=grace, reduction_factor=tu.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=spec.training.max_steps or 10**9,
+        grace_period=grace,
+        reduction_factor=tu.reduction_factor,
+    )
 
 
 def build_search_alg(spec: JobSpec) -> Any:
@@ -115,60 +132,17 @@ def build_search_alg(spec: JobSpec) -> Any:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as exc:
-        raise RuntimeError("tune.search_alg: optuna needs the optuna package: "
-                           "pip install 'raylm[optuna]' (or pip install optuna)") from exc
+        raise InputError(
+            "tune.search_alg: optuna needs the optuna package: "
+            "pip install 'raylm[optuna]' (or pip install optuna)"
+        ) from exc
     return OptunaSearch()
-
-
-def _progress_callback(spec: JobSpec) -> Any:
-    from ray.tune import Callback
-
-    tu = spec.tune
-    assert tu is not None
-    sign = 1 if tu.mode == "min" else -1
-
-    class SweepProgress(Callback):
-        """One line per trial eval and per trial end: counts and the best so far."""
-
-        def __init__(self) -> None:
-            self.best: tuple[float, str] | None = None
-            self.ended: dict[str, str] = {}
-
-        def _counts(self, trials: list[Any]) -> str:
-            running = sum(t.status == "RUNNING" for t in trials)
-            stopped = sum(v == "stopped early" for v in self.ended.values())
-            best = f" | best {tu.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-            return (f"running {running}, finished {len(self.ended) - stopped}, "
-                    f"stopped early {stopped} of {len(trials)}{best}")
-
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-            value = result.get(tu.metric)
-            if value is None:
-                return
-            if self.best is None or sign * value < sign * self.best[0]:
-                self.best = (value, trial.trial_id)
-            print(f"[raylm tune] trial {trial.trial_id} step {result.get('step')}/"
-                  f"{result.get('total_steps')} {tu.metric} {value:.4f} | {self._counts(trials)}",
-                  flush=True)
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            last = trial.last_result or {}
-            done = last.get("step", 0) >= last.get("total_steps", math.inf)
-            self.ended[trial.trial_id] = "finished" if done else "stopped early"
-            print(f"[raylm tune] trial {trial.trial_id} {self.ended[trial.trial_id]} at step "
-                  f"{last.get('step')} | {self._counts(trials)}", flush=True)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self.ended[trial.trial_id] = "error"
-            print(f"[raylm tune] trial {trial.trial_id} failed | {self._counts(trials)}", flush=True)
-
-    return SweepProgress()
 
 
 def build_tuner(spec: JobSpec, resume: bool = False) -> Any:
     """A Tuner for the job's sweep, or the restored one when `resume` is set.
 
-    Raises FileNotFoundError when asked to resume a sweep that was never started.
+    Raises NotReady when asked to resume a sweep that was never started.
     """
     from ray import tune
 
@@ -180,19 +154,29 @@ def build_tuner(spec: JobSpec, resume: bool = False) -> Any:
     tuner_path = join(root, "tuner")
     if resume:
         if not tune.Tuner.can_restore(tuner_path):
-            raise FileNotFoundError(f"no sweep to resume at {tuner_path}; run `raylm tune` first")
-        return tune.Tuner.restore(tuner_path, trainable=trainable, param_space=build_param_space(spec),
-                                  resume_unfinished=True, resume_errored=True)
+            raise NotReady(f"no sweep to resume at {tuner_path}; run `raylm tune` first")
+        return tune.Tuner.restore(
+            tuner_path,
+            trainable=trainable,
+            param_space=build_param_space(spec),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
     tu = spec.tune
     return tune.Tuner(
         trainable,
         param_space=build_param_space(spec),
         tune_config=tune.TuneConfig(
-            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples,
+            metric=tu.metric,
+            mode=tu.mode,
+            num_samples=tu.num_samples,
             max_concurrent_trials=tu.max_concurrent_trials or default_concurrency(spec),
-            scheduler=build_scheduler(spec), search_alg=build_search_alg(spec)),
-        run_config=tune.RunConfig(name="tuner", storage_path=root,
-                                  callbacks=[_progress_callback(spec)], verbose=0),
+            scheduler=build_trial_scheduler(spec),
+            search_alg=build_search_alg(spec),
+        ),
+        run_config=tune.RunConfig(
+            name="tuner", storage_path=root, callbacks=[sweep_progress(spec)], verbose=0
+        ),
     )
 
 
@@ -213,8 +197,9 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         df = r.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": (r.metrics or {}).get("trial_id")
-                               or os.path.basename(r.path or "?")}
+        row: dict[str, Any] = {
+            "trial_id": (r.metrics or {}).get("trial_id") or os.path.basename(r.path or "?")
+        }
         row.update({path: r.config.get(path) for path in tu.search})
         evals = df[df[tu.metric].notna()] if df is not None and tu.metric in df else None
         if evals is None or evals.empty:
@@ -225,19 +210,35 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
         if "checkpoint_path" in evals:
             # Reports name every checkpoint ever saved; Ray keeps only `checkpoint.keep` of them
             # (on a tie it may keep a later one), so only those still on storage can be promoted.
-            kept = [isinstance(p, str) and exists(uri_of(r.filesystem, p)) for p in evals["checkpoint_path"]]
+            kept = [
+                isinstance(p, str) and exists(uri_of(r.filesystem, p))
+                for p in evals["checkpoint_path"]
+            ]
             with_ckpt = evals[kept]
         pool = with_ckpt if not with_ckpt.empty else evals
         # By position: a resumed trial's dataframe can repeat index labels.
         best = pool.iloc[int((pool[tu.metric] * sign).to_numpy().argmin())]
         last = evals.iloc[-1]
-        status = "error" if r.error else ("finished" if last["step"] >= last["total_steps"] else "stopped early")
-        row.update({tu.metric: float(best[tu.metric]), "best_step": int(best["step"]),
-                    "step": int(last["step"]), "total_steps": int(last["total_steps"]),
-                    "checkpoint": uri_of(r.filesystem, best["checkpoint_path"])
-                    if not with_ckpt.empty else None,
-                    "status": status,
-                    "curve": [[int(s), float(v)] for s, v in zip(evals["step"], evals[tu.metric], strict=True)]})
+        status = (
+            "error"
+            if r.error
+            else ("finished" if last["step"] >= last["total_steps"] else "stopped early")
+        )
+        row.update(
+            {
+                tu.metric: float(best[tu.metric]),
+                "best_step": int(best["step"]),
+                "step": int(last["step"]),
+                "total_steps": int(last["total_steps"]),
+                "checkpoint": uri_of(r.filesystem, best["checkpoint_path"])
+                if not with_ckpt.empty
+                else None,
+                "status": status,
+                "curve": [
+                    [int(s), float(v)] for s, v in zip(evals["step"], evals[tu.metric], strict=True)
+                ],
+            }
+        )
         rows.append(row)
     ranked = [r for r in rows if r.get(tu.metric) is not None]
     ranked.sort(key=lambda r: sign * r[tu.metric])
@@ -247,19 +248,32 @@ def trial_rows(results: Any, spec: JobSpec) -> list[dict[str, Any]]:
 def promote(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Writes `best/manifest.json` for the best trial with a checkpoint; returns the manifest.
 
-    Raises RuntimeError if no trial produced a checkpoint.
+    Raises RaylmError if no trial produced a checkpoint.
     """
     tu = spec.tune
     assert tu is not None
     candidates = [r for r in rows if r.get("checkpoint")]
     if not candidates:
-        raise RuntimeError("no trial finished an eval with a checkpoint; nothing to promote")
+        raise RaylmError("no trial finished an eval with a checkpoint; nothing to promote")
+
     def entry(r: dict[str, Any]) -> dict[str, Any]:
-        return {"trial_id": r["trial_id"], "config": {p: r[p] for p in tu.search},
-                tu.metric: r[tu.metric], "step": r["best_step"], "checkpoint": r["checkpoint"]}
+        return {
+            "trial_id": r["trial_id"],
+            "config": {p: r[p] for p in tu.search},
+            tu.metric: r[tu.metric],
+            "step": r["best_step"],
+            "checkpoint": r["checkpoint"],
+        }
+
     best = candidates[0]
-    manifest = {"job": spec.name, "metric": tu.metric, "mode": tu.mode, **entry(best),
-                "top_k": [entry(r) for r in candidates[: tu.top_k]], "created_unix": time.time()}
+    manifest = {
+        "job": spec.name,
+        "metric": tu.metric,
+        "mode": tu.mode,
+        **entry(best),
+        "top_k": [entry(r) for r in candidates[: tu.top_k]],
+        "created_unix": time.time(),
+    }
     write_json(manifest_path(spec), manifest)  # readers never see a half-written manifest
     return manifest
 
@@ -267,13 +281,13 @@ def promote(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_sweep(spec: JobSpec, resume: bool = False) -> SweepResult:
     """Runs (or resumes) the job's sweep, promotes the best trial and writes the report.
 
-    Returns the SweepResult; raises ValueError if the job has no `tune` section.
+    Returns the SweepResult; raises InputError if the job has no `tune.search`.
     """
     from raylm.cluster import check_storage, ensure_ray
     from raylm.report import write_sweep_report
 
     if spec.tune is None or not spec.tune.search:
-        raise ValueError(f"{spec.name}: the job has no tune.search to sweep")
+        raise InputError(f"{spec.name}: the job has no tune.search to sweep; nothing to sweep")
     ensure_ray()
     check_storage(spec)
     results = build_tuner(spec, resume=resume).fit()

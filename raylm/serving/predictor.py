@@ -12,8 +12,7 @@ from typing import Any
 
 from raylm.checkpoint import load_served, task_of
 from raylm.metrics import bio_spans
-
-CLASSIFIER_TASKS = ("sequence_classification", "token_classification")
+from raylm.tasks import TASKS
 
 
 @dataclass
@@ -27,7 +26,8 @@ class Label:
 
 @dataclass
 class Entity:
-    """One entity: its type, the text it covers, `text[start:end]` offsets, mean word probability."""
+    """One entity: its type, the text it covers, `text[start:end]` offsets, mean word
+    probability."""
 
     entity: str
     text: str
@@ -46,7 +46,7 @@ class Predictor:
 
     def __init__(self, models: Sequence[tuple[str, str]], trust_remote_code: bool | None = None):
         tasks = {task_of(p) for _, p in models}
-        if len(tasks) != 1 or not tasks <= set(CLASSIFIER_TASKS):
+        if len(tasks) != 1 or not TASKS[next(iter(tasks))].labelled:
             raise ValueError(f"a Predictor serves one classifier task, got {sorted(tasks)}")
         self.task = tasks.pop()
         served = load_served(models, trust_remote_code)
@@ -91,6 +91,7 @@ class Predictor:
 
     def classify(self, items: Sequence[tuple[str, str]]) -> list[Label]:
         """(model, text) pairs → the predicted label and class probabilities of each text."""
+
         def run(model: str, texts: list[str]) -> list[Label]:
             names = self.labels[model]
             _, probs = self._forward(model, texts)
@@ -109,6 +110,7 @@ class Predictor:
         split); each word's tag is the prediction at its first sub-token, as in training, and
         BIO runs of words become entities spanning their characters.
         """
+
         def run(model: str, texts: list[str]) -> list[list[Entity]]:
             names = self.labels[model]
             enc, probs = self._forward(model, texts)
@@ -128,7 +130,9 @@ class Predictor:
                 entities = []
                 for kind, i, j in bio_spans(tags):
                     start, end = offsets[first[words[i]]][0], offsets[last[words[j - 1]]][1]
-                    entities.append(Entity(kind, text[start:end], start, end, sum(conf[i:j]) / (j - i)))
+                    entities.append(
+                        Entity(kind, text[start:end], start, end, sum(conf[i:j]) / (j - i))
+                    )
                 out.append(entities)
             return out
 

@@ -1,7 +1,7 @@
 """`raylm serve`: decide what to serve (a checkpoint, an export, or a job's promoted winner with its
-top-k trial adapters), start the Serve app on the Ray cluster, and stop it.
+top-k trial adapters), start the Serve app on the Ray cluster, ask it the sample request, stop it.
 
-The replica itself (routes, batching, auth) lives in `raylm.server`.
+The app itself lives in `raylm.serving.gateway` (HTTP) and `raylm.serving.replica` (models).
 """
 
 from __future__ import annotations
@@ -16,31 +16,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raylm.api import TASK_ROUTES
+from raylm.builtins import ARITHMETIC
 from raylm.checkpoint import (
     best_run_checkpoint,
     check_checkpoint,
     inference_metadata,
     manifest_path,
+    model_dir_problem,
     read_manifest,
     refuse_pickles,
+    require_model_dir,
+    run_uri,
     task_of,
 )
-from raylm.spec import (
-    JobSpec,
-    JobSpecError,
-    ServeSpec,
-    _merge,
-    load_job,
-    parse_overrides,
-    serve_spec_from_dict,
-)
+from raylm.errors import InputError, JobSpecError, NotReady, PathError
+from raylm.job import JobSpec, ServeSpec, load_job, parse_overrides, serve_spec_from_dict
+from raylm.job.tree import deep_merge
+from raylm.serving.auth import key_digest
 from raylm.storage import local_dir
+from raylm.tasks import TASKS
 
 APP_NAME = "raylm"
-# A sample input per task (sent to the task's first route in raylm.api.TASK_ROUTES).
-SAMPLES = {"causal_lm": "Hello!", "sequence_classification": "What a wonderful film, I would watch it again.",
-           "token_classification": "Maria Garcia flew from Paris to meet the United Nations ."}
+# What `raylm run` asks a model trained on builtin:arithmetic (its task's sample otherwise).
+ARITHMETIC_SAMPLE = "12+7"
 
 
 @dataclass
@@ -68,8 +66,10 @@ def _job_models(spec: JobSpec) -> tuple[list[tuple[str, str]], list[str]]:
     if manifest is not None:
         # Checkpoints on cloud storage are fetched once into a local cache for the replicas.
         models = [(spec.name, local_dir(manifest["checkpoint"]))]
-        notes.append(f"{spec.name}: promoted trial {manifest['trial_id']} "
-                     f"({manifest['metric']}={manifest[manifest['metric']]:.4g})")
+        notes.append(
+            f"{spec.name}: promoted trial {manifest['trial_id']} "
+            f"({manifest['metric']}={manifest[manifest['metric']]:.4g})"
+        )
         if serve_spec.multi_lora and _is_lora(models[0][1]):
             for entry in manifest.get("top_k", []):
                 path = local_dir(entry["checkpoint"])
@@ -78,21 +78,31 @@ def _job_models(spec: JobSpec) -> tuple[list[tuple[str, str]], list[str]]:
         return models, notes
     best = best_run_checkpoint(spec)
     if best is None:
-        raise FileNotFoundError(
+        raise NotReady(
             f"job {spec.name!r} has no promoted sweep winner ({manifest_path(spec)}) and no "
-            f"training checkpoint under {spec.run_dir}: run `raylm tune` or `raylm train` first")
+            f"training checkpoint under {run_uri(spec)}: run `raylm tune` or `raylm train` first"
+        )
     notes.append(f"{spec.name}: best training checkpoint by {spec.checkpoint.metric}")
     return [(spec.name, local_dir(best))], notes
 
 
-def _finish(models: list[tuple[str, str]], serve_spec: ServeSpec, notes: list[str],
-            adapters: Sequence[str], name: str | None, source: str) -> ServePlan:
+def _finish(
+    models: list[tuple[str, str]],
+    serve_spec: ServeSpec,
+    notes: list[str],
+    adapters: Sequence[str],
+    name: str | None,
+    source: str,
+) -> ServePlan:
     if name:
         models[0] = (name, models[0][1])
     for item in adapters:
         adapter_name, sep, adapter_dir = item.partition("=")
-        if not sep or not adapter_name or not Path(adapter_dir).is_dir():
-            raise JobSpecError([f"--adapter {item!r}: expected NAME=DIR with an existing directory"], source)
+        if not sep or not adapter_name or not adapter_dir:
+            raise InputError(f"--adapter {item!r}: expected NAME=DIR")
+        problem = model_dir_problem(adapter_dir)
+        if problem:
+            raise PathError(adapter_dir, f"{problem} (--adapter {adapter_name})")
         models.append((adapter_name, str(Path(adapter_dir).resolve())))
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
@@ -102,43 +112,55 @@ def _finish(models: list[tuple[str, str]], serve_spec: ServeSpec, notes: list[st
         check_checkpoint(directory)
     tasks = {task_of(d) for _, d in models}
     if len(tasks) != 1:
-        raise JobSpecError([f"the served models mix tasks {sorted(tasks)}; serve one task per app"], source)
+        raise JobSpecError(
+            [f"the served models mix tasks {sorted(tasks)}; serve one task per app"], source
+        )
     task = tasks.pop()
     meta = inference_metadata(models[0][1])
-    sample = SAMPLES[task]
-    if meta.get("spec", {}).get("data", {}).get("train") == "builtin:arithmetic":
-        sample = "12+7"
+    sample = TASKS[task].sample
+    if meta.get("spec", {}).get("data", {}).get("train") == ARITHMETIC:
+        sample = ARITHMETIC_SAMPLE
     return ServePlan(models, serve_spec, sample, notes, task)
 
 
 def plan_for_job(spec: JobSpec, adapters: Sequence[str] = (), name: str | None = None) -> ServePlan:
     """The ServePlan of a job: its promoted sweep winner (+ top-k adapters) or best checkpoint.
 
-    Raises FileNotFoundError when the job has neither.
+    Raises NotReady when the job has neither.
     """
     models, notes = _job_models(spec)
     return _finish(models, spec.serve or ServeSpec(), notes, adapters, name, spec.name)
 
 
-def resolve_target(target: str, overrides: Sequence[str] = (), adapters: Sequence[str] = (),
-                   name: str | None = None) -> ServePlan:
+def resolve_target(
+    target: str,
+    overrides: Sequence[str] = (),
+    adapters: Sequence[str] = (),
+    name: str | None = None,
+) -> ServePlan:
     """Turns a TARGET (job file, checkpoint dir, export dir) into a ServePlan.
 
     `overrides` are `serve.key=value` settings; `adapters` are extra `NAME=DIR` LoRA checkpoints.
-    Raises JobSpecError for bad settings, FileNotFoundError when there is nothing to serve.
+    Raises JobSpecError for bad settings, PathError for a target that cannot be served,
+    NotReady when a job has nothing to serve yet.
     """
     path = Path(target)
     if path.is_file():
         return plan_for_job(load_job(target, list(overrides)), adapters, name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{target}: not a job file or a checkpoint/model directory")
+    if not path.exists():
+        raise PathError(target, "no such job file, checkpoint or model directory")
+    require_model_dir(path)
     meta = inference_metadata(path)
     tree, problems = parse_overrides(list(overrides))
-    problems += [f"override {k}.*: only serve.* settings apply to a checkpoint" for k in tree if k != "serve"]
+    problems += [
+        f"override {k}.*: only serve.* settings apply to a checkpoint" for k in tree if k != "serve"
+    ]
     if problems:
         raise JobSpecError(problems, target)
     trained = meta.get("spec", {})
-    serve_spec = serve_spec_from_dict(_merge(trained.get("serve") or {}, tree.get("serve", {})), target)
+    serve_spec = serve_spec_from_dict(
+        deep_merge(trained.get("serve") or {}, tree.get("serve", {})), target
+    )
     models = [(trained.get("name") or path.resolve().name, str(path.resolve()))]
     return _finish(models, serve_spec, [], adapters, name, target)
 
@@ -146,17 +168,17 @@ def resolve_target(target: str, overrides: Sequence[str] = (), adapters: Sequenc
 def api_key_digest(spec: ServeSpec) -> str | None:
     """Digest of the API key named by `api_key_env` (None when auth is off).
 
-    Raises ValueError when the job asks for a key but the variable is unset or empty, so a
+    Raises NotReady when the job asks for a key but the variable is unset or empty, so a
     server never starts open by accident.
     """
-    from raylm.server import key_digest
-
     if spec.api_key_env is None:
         return None
     key = os.environ.get(spec.api_key_env, "")
     if not key:
-        raise ValueError(f"serve.api_key_env is {spec.api_key_env!r} but that environment variable "
-                         f"is unset or empty; export it or remove api_key_env")
+        raise NotReady(
+            f"serve.api_key_env is {spec.api_key_env!r} but that environment variable "
+            f"is unset or empty; export it or remove api_key_env"
+        )
     return key_digest(key)
 
 
@@ -177,19 +199,21 @@ def wait_http(url: str, timeout_s: float) -> None:
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s ({last}); if Serve was already "
-                       f"running on another port, run `raylm shutdown` first")
+    raise TimeoutError(
+        f"{url} did not answer within {timeout_s:.0f}s ({last}); if Serve was already "
+        f"running on another port, run `raylm shutdown` first"
+    )
 
 
 def start(plan: ServePlan, wait_s: float = 60.0) -> str:
     """Deploys the plan as Serve app `raylm` (replacing a previous one); returns its base URL.
 
-    Needs Ray initialised. Raises ValueError for a missing API key, TimeoutError if the HTTP
+    Needs Ray initialised. Raises NotReady for a missing API key, TimeoutError if the HTTP
     endpoint does not come up.
     """
     from ray import serve
 
-    from raylm.server import build_app
+    from raylm.serving.gateway import build_app
 
     s = plan.spec
     digest = api_key_digest(s)
@@ -201,21 +225,20 @@ def start(plan: ServePlan, wait_s: float = 60.0) -> str:
 
 
 def _sample_body(plan: ServePlan) -> str:
-    if plan.task != "causal_lm":
-        return json.dumps({"model": plan.models[0][0], "input": plan.sample})
-    return json.dumps({"model": plan.models[0][0], "messages": [{"role": "user", "content": plan.sample}],
-                       "max_tokens": 16, "temperature": 0})
+    return json.dumps(TASKS[plan.task].sample_request(plan.models[0][0], plan.sample))
 
 
 def curl_line(plan: ServePlan, url: str) -> str:
     """A ready-to-paste request against the served default model."""
     body = _sample_body(plan)
     auth = f' -H "Authorization: Bearer ${plan.spec.api_key_env}"' if plan.spec.api_key_env else ""
-    return f"curl {url}{TASK_ROUTES[plan.task][0]} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    route = TASKS[plan.task].routes[0]
+    return f"curl {url}{route} -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
 
 
 def shutdown() -> bool:
-    """Deletes the `raylm` Serve app (and Serve, if nothing else runs); returns whether it existed."""
+    """Deletes the `raylm` Serve app (and Serve, if nothing else runs); returns whether it
+    existed."""
     from ray import serve
 
     try:
@@ -237,13 +260,8 @@ def ask(plan: ServePlan, url: str, timeout_s: float = 120.0) -> str:
     headers = {"Content-Type": "application/json"}
     if plan.spec.api_key_env:
         headers["Authorization"] = f"Bearer {os.environ.get(plan.spec.api_key_env, '')}"
-    req = urllib.request.Request(url + TASK_ROUTES[plan.task][0], data=body, headers=headers, method="POST")
+    req = urllib.request.Request(
+        url + TASKS[plan.task].routes[0], data=body, headers=headers, method="POST"
+    )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        answer = json.loads(resp.read())
-    if plan.task == "sequence_classification":
-        first = answer["data"][0]
-        return f"{first['label']} ({first['score']:.2f})"
-    if plan.task == "token_classification":
-        found = answer["data"][0]["entities"]
-        return ", ".join(f"{e['entity']} {e['text']!r}" for e in found) or "(no entities)"
-    return answer["choices"][0]["message"]["content"]
+        return TASKS[plan.task].answer_text(json.loads(resp.read()))

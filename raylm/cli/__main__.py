@@ -1,0 +1,7 @@
+"""`python -m raylm.cli …` runs the `raylm` command."""
+
+import sys
+
+from raylm.cli import main
+
+sys.exit(main())
