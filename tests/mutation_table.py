@@ -66,7 +66,10 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     rows = table(Path(args.mutants))
-    header = f"{'module':34} {'mutants':>7} {'killed':>7} {'survived':>8} {'no test':>7} {'equiv':>5} {'killed %':>8}"
+    header = (
+        f"{'module':34} {'mutants':>7} {'killed':>7} {'survived':>8} {'no test':>7} "
+        f"{'equiv':>5} {'killed %':>8}"
+    )
     print(header)
     for r in rows:
         print(
