@@ -37,8 +37,9 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": False,
     "rms_norm_eps": 1e-6,
 }
-# Llama-style: a system/user/assistant chat template with generation markers, so
-# `return_assistant_tokens_mask` works for chat data.
+# Llama-style system/user/assistant turns. Its `{% generation %}` markers serve tools that ask
+# for `return_assistant_tokens_mask`; raylm finds assistant turns by rendering prefixes instead
+# (raylm.data.tokenize_chat), so templates without markers train as well.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}<|assistant|>\n"

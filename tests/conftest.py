@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs the CLI in a fresh interpreter and prints, last, whether anything imported Ray: bad input
+# must be refused before any Ray work starts.
+NO_RAY_DRIVER = (
+    "import sys; from raylm.cli import main; rc = main(sys.argv[1:]); "
+    "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'); sys.exit(rc)"
+)
+
+
+def cli_no_ray(
+    *args: str, cwd: str = REPO, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`raylm ARGS` in a subprocess; its stdout ends with NO_RAY or RAY_IMPORTED."""
+    return subprocess.run(
+        [sys.executable, "-c", NO_RAY_DRIVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def tiny_job(tmp_path: Any, **sections: Any) -> dict[str, Any]:
@@ -49,22 +71,102 @@ def ray_cluster():
 
     # With its dashboard: Ray Train frees a killed run's placement group through the State API,
     # which the dashboard serves; without it a killed run's resources leak (kill/resume tests).
-    ray.init(num_cpus=2, log_to_driver=True)
+    # "local": a Ray of the test session's own, whatever head Ray's current-cluster file names.
+    ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
+def endless_llama(directory: Any) -> str:
+    """A copy of the builtin tiny Llama whose end-of-text token is one it never generates
+    (`<|system|>`): every answer runs to its token limit, so limits and finish reasons can be
+    asserted exactly. Returns its path."""
+    import json
+    import shutil
+
+    from raylm.models import materialize_tiny_llama
+
+    target = os.path.join(str(directory), "endless-llama")
+    if os.path.exists(target):
+        return target
+    shutil.copytree(materialize_tiny_llama(), target)
+    stop = "<|system|>"
+    with open(os.path.join(target, "tokenizer.json")) as f:
+        stop_id = next(t["id"] for t in json.load(f)["added_tokens"] if t["content"] == stop)
+    for name, key, value in (
+        ("tokenizer_config.json", "eos_token", stop),
+        ("config.json", "eos_token_id", stop_id),
+        ("generation_config.json", "eos_token_id", stop_id),
+    ):
+        path = os.path.join(target, name)
+        with open(path) as f:
+            data = json.load(f)
+        data[key] = value
+        with open(path, "w") as f:
+            json.dump(data, f)
+    return target
+
+
+def gpu_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU, whatever the installed torch can use."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip, with the reason, where CUDA is not available."""
+    """`gpu` tests skip, with the reason, on machines without a GPU. On a machine with one they
+    run, and fail (naming the install command) if the installed torch cannot use it."""
     try:
         import torch
 
         has_cuda = torch.cuda.is_available()
     except ImportError:
         has_cuda = False
-    if has_cuda:
+    if has_cuda or gpu_visible():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def prometheus_text() -> str:
+    """What this node's Ray metrics endpoint (Prometheus format) says now."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of every sample of metric `name` (a counter's `_total` too) carrying `labels`."""
+    import re
+
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:_total)?{{([^}}]*)}} (\S+)$", text, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(tags.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def wait_for_metric(name: str, want: float, timeout_s: float = 60.0, **labels: str) -> float:
+    """Polls Ray's metrics until `name` reaches `want` (metrics are exported every few seconds);
+    returns the last value seen."""
+    import time
+
+    deadline, value = time.monotonic() + timeout_s, 0.0
+    while time.monotonic() < deadline:
+        value = metric_total(prometheus_text(), name, **labels)
+        if value >= want:
+            break
+        time.sleep(1)
+    return value

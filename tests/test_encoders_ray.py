@@ -145,14 +145,29 @@ def test_ner_fine_tuning_lifts_entity_f1_far_above_the_untrained_model(ner):
 
 
 def test_four_trial_lr_by_rank_sweep_promotes_the_most_accurate_classifier(sweep):
+    from raylm.tuning.sweep import sweep_dir
+
+    from .test_tune_ray import trial_checkpoints
+
     spec, result = sweep
     trials = result.rows
     grid = {(lr, r) for lr in (2e-4, 1e-3) for r in (4, 16)}
     assert {(t["training.lr"], t["lora.r"]) for t in trials} == grid
-    assert all(0.0 <= t["accuracy"] <= 1.0 for t in trials)
-    best = max(trials, key=lambda t: t["accuracy"])
-    assert result.manifest["accuracy"] == best["accuracy"] and result.manifest["mode"] == "max"
-    assert result.manifest["accuracy"] >= 0.85
+    # The best accuracy over every trial's own checkpoints on disk, not run_sweep's rows.
+    on_disk = trial_checkpoints(sweep_dir(spec))
+    assert len({t for t, _ in on_disk}) == 4
+    assert all(0.0 <= m["metrics"]["accuracy"] <= 1.0 for _, m in on_disk)
+    best = max(m["metrics"]["accuracy"] for _, m in on_disk)
+    manifest = result.manifest
+    assert manifest["accuracy"] == pytest.approx(best) and manifest["mode"] == "max"
+    assert manifest["accuracy"] >= 0.85
+    promoted = json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))
+    assert promoted["metrics"]["accuracy"] == pytest.approx(best)
+    trained = promoted["spec"]  # the manifest's config is what the promoted trial trained with
+    assert manifest["config"] == {
+        "training.lr": trained["training"]["lr"],
+        "lora.r": trained["lora"]["r"],
+    }
     print(
         "\n"
         + "\n".join(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 
 import pytest
@@ -28,7 +29,7 @@ from raylm.checkpoint import (
 from raylm.job import load_job, spec_from_dict
 from raylm.training.trainer import run_train
 
-from .conftest import REPO, tiny_job
+from .conftest import REPO, metric_total, prometheus_text, tiny_job, wait_for_metric
 from .test_serve_ray import free_port
 
 pytestmark = pytest.mark.ray
@@ -128,7 +129,13 @@ def test_sigkilled_worker_restarts_from_its_last_checkpoint_and_ends_like_an_uni
 def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_falls_back(
     ray_cluster, tmp_path
 ):
-    job = tiny_job(tmp_path, name="damaged", training={"max_steps": 20, "eval_every": 10})
+    # keep: 5, so Ray's retention never deletes a checkpoint this test looks at.
+    job = tiny_job(
+        tmp_path,
+        name="damaged",
+        training={"max_steps": 20, "eval_every": 10},
+        checkpoint={"keep": 5},
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_job(path)
@@ -189,6 +196,7 @@ def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_f
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
+    damaged = bytes(raw)
     assert any("sha256" in p for p in checkpoint_problems(latest))
     rerun = subprocess.run(
         [
@@ -216,17 +224,43 @@ def test_a_checkpoint_copy_killed_half_way_is_never_taken_and_a_damaged_latest_f
     assert read_metadata(final)["resumes"] == [10]
     best = best_run_checkpoint(spec)
     assert best is not None and checkpoint_problems(best) == [] and CHECKSUMS in os.listdir(best)
+    # The re-done step 20 went to a new directory; the damaged original is still there, as it was.
+    redone = run_dir / "checkpoint_0000020-1"
+    assert read_metadata(redone)["step"] == 20 and checkpoint_problems(redone) == []
+    assert weights.read_bytes() == damaged
     print(
         f"faults: 1 copy SIGKILL at {copied}/{total} bytes ({len(problems)} problems found); "
         "1 damaged latest checkpoint skipped, resumed from step 10"
     )
 
 
-def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray_cluster):
+def replica_states() -> dict[str, int]:
     from ray import serve
+
+    app = serve.status().applications["raylm"]
+    return dict(app.deployments["Model"].replica_states)
+
+
+def live_replicas() -> list:
     from ray.util.state import list_actors
 
-    from raylm.client import Client, ServerError
+    return [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        if a.class_name == "ServeReplica:raylm:Model"
+    ]
+
+
+def wait_for_two_replicas() -> None:
+    deadline = time.monotonic() + 90
+    while replica_states().get("RUNNING") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert replica_states().get("RUNNING") == 2, replica_states()
+
+
+@pytest.fixture(scope="module")
+def two_replicas(ray_cluster):
+    """The tiny Llama behind two model replicas; yields the base URL."""
     from raylm.models import materialize_tiny_llama
     from raylm.serving.deploy import resolve_target, shutdown, start
 
@@ -241,66 +275,103 @@ def test_sigkilled_replica_under_load_loses_no_request_for_a_retrying_client(ray
             "serve.autoscaling.max_replicas=2",
         ],
     )
-    url = start(plan)
+    yield start(plan)
+    shutdown()
 
-    def replicas() -> dict[str, int]:
-        app = serve.status().applications["raylm"]
-        return dict(app.deployments["Model"].replica_states)
 
-    try:
-        assert replicas().get("RUNNING") == 2
-        total, clients = 200, 16
-        lock, sent, done = threading.Lock(), [0], []
-        answers, failures, retried = [], [], [0]
+def test_sigkilled_replica_under_load_loses_no_request_even_without_client_retries(two_replicas):
+    from raylm.client import Client, ServerError
 
-        def client_loop() -> None:
-            c = Client(url, retries=1)
-            while True:
-                with lock:
-                    if sent[0] >= total:
-                        break
-                    sent[0] += 1
-                try:
-                    r = c.completion("1 2 3", max_tokens=12, temperature=0)
-                    answers.append(r["choices"][0]["text"])
-                except (ServerError, OSError) as exc:
-                    failures.append(repr(exc))
-                done.append(1)
+    url = two_replicas
+    wait_for_two_replicas()
+    retried_before = metric_total(prometheus_text(), "ray_raylm_replica_retries", kind="text")
+    total, clients = 200, 16
+    lock, sent, done = threading.Lock(), [0], []
+    answers, failures = [], []
+
+    def client_loop() -> None:
+        c = Client(url, retries=0)  # a 503 would be a failure: only the gateway may retry
+        while True:
             with lock:
-                retried[0] += c.retried
+                if sent[0] >= total:
+                    break
+                sent[0] += 1
+            try:
+                r = c.completion("1 2 3", max_tokens=12, temperature=0)
+                answers.append(r["choices"][0]["text"])
+            except (ServerError, OSError) as exc:
+                failures.append(repr(exc))
+            done.append(1)
 
-        threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        while len(done) < 40:
-            time.sleep(0.01)
-        victims = [
-            a
-            for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name == "ServeReplica:raylm:Model"
-        ]
-        assert len(victims) == 2
-        os.kill(victims[0].pid, signal.SIGKILL)
-        done_at_kill = len(done)
-        for t in threads:
-            t.join(timeout=300)
-        assert done_at_kill < total, "the load ended before the kill; nothing was in flight"
-        assert len(done) == total
-        print(
-            f"faults: 1 replica SIGKILL with {total - done_at_kill} of {total} requests left "
-            f"({clients} clients); failed {len(failures)}, retried 503s {retried[0]}"
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    while len(done) < 40:
+        time.sleep(0.01)
+    victims = live_replicas()
+    assert len(victims) == 2
+    os.kill(victims[0].pid, signal.SIGKILL)
+    done_at_kill = len(done)
+    for t in threads:
+        t.join(timeout=300)
+    assert done_at_kill < total, "the load ended before the kill; nothing was in flight"
+    assert len(done) == total
+    retried = wait_for_metric("ray_raylm_replica_retries", retried_before + 1, kind="text")
+    print(
+        f"faults: 1 replica SIGKILL with {total - done_at_kill} of {total} requests left "
+        f"({clients} clients, no client retries); failed {len(failures)}, gateway retries "
+        f"{retried - retried_before:.0f}"
+    )
+    assert failures == [], failures[:3]
+    assert retried >= retried_before + 1  # the gateway did retry requests the victim held
+    assert len(answers) == total and len(set(answers)) == 1  # greedy: every replica agrees
+    wait_for_two_replicas()
+    with pytest.raises(ProcessLookupError):  # the count is back with a new process
+        os.kill(victims[0].pid, 0)
+    assert (
+        Client(url).completion("1 2 3", max_tokens=12, temperature=0)["choices"][0]["text"]
+        == answers[0]
+    )
+
+
+def test_streams_sent_to_a_lost_replica_are_retried_before_their_first_event(two_replicas):
+    """Streams that reach a replica which has just died are sent to the other one before
+    anything reaches the client, so every stream is whole; the gateway counts the retries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps({"prompt": "1 2 3", "max_tokens": 12, "temperature": 0, "stream": True})
+
+    def stream(_: int) -> list[str]:
+        req = urllib.request.Request(
+            two_replicas + "/v1/completions",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
         )
-        assert failures == [], failures[:3]
-        assert len(answers) == total and len(set(answers)) == 1  # greedy: every replica agrees
-        deadline = time.monotonic() + 90
-        while replicas().get("RUNNING") != 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert replicas().get("RUNNING") == 2, replicas()
-        with pytest.raises(ProcessLookupError):  # the count is back with a new process
-            os.kill(victims[0].pid, 0)
-        assert (
-            Client(url).completion("1 2 3", max_tokens=12, temperature=0)["choices"][0]["text"]
-            == answers[0]
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return [e for e in resp.read().decode().split("\n\n") if e]
+
+    reference = "".join(json.loads(e[6:])["choices"][0]["text"] for e in stream(0)[:-1])
+    retried, attempts = 0.0, 0
+    while retried < 1 and attempts < 3:  # a burst may miss the dead replica; try again
+        attempts += 1
+        wait_for_two_replicas()
+        before = metric_total(prometheus_text(), "ray_raylm_replica_retries", kind="text-stream")
+        os.kill(live_replicas()[0].pid, signal.SIGKILL)
+        with ThreadPoolExecutor(12) as pool:  # sent after the kill: none was mid-stream
+            results = list(pool.map(stream, range(12)))
+        for events in results:
+            assert events[-1] == "data: [DONE]", events[-3:]
+            chunks = [json.loads(e[6:]) for e in events[:-1]]
+            assert not [c for c in chunks if "error" in c], chunks
+            assert "".join(c["choices"][0]["text"] for c in chunks) == reference
+        retried = (
+            wait_for_metric(
+                "ray_raylm_replica_retries", before + 1, timeout_s=20, kind="text-stream"
+            )
+            - before
         )
-    finally:
-        shutdown()
+    print(
+        f"faults: streams after a replica SIGKILL: {attempts} burst(s) of 12, all whole; "
+        f"{retried:.0f} retried before their first event"
+    )
+    assert retried >= 1

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -222,26 +223,6 @@ def test_local_storage_is_refused_before_training_when_workers_need_other_nodes(
     assert not (tmp_path / "runs" / "gpu-on-cpu").exists()
 
 
-def test_shared_storage_rule_for_multi_node_clusters():
-    from raylm.cluster import shared_storage_problem
-
-    def node(i: int, gpus: int = 0) -> dict:
-        return {
-            "NodeID": f"n{i}",
-            "Alive": True,
-            "Resources": {"CPU": 8.0, **({"GPU": gpus} if gpus else {})},
-        }
-
-    spec = load_job(os.path.join(REPO, "jobs", "quickstart.yaml"))
-    assert shared_storage_problem(spec, [node(0)], "n0") is None
-    two = shared_storage_problem(spec, [node(0), node(1)], "n0")
-    assert two is not None and "2 nodes" in two and "./runs" in two
-    shared = spec.model_copy(update={"storage_shared": True})
-    assert shared_storage_problem(shared, [node(0), node(1)], "n0") is None
-    cloud = spec.model_copy(update={"storage_path": "s3://bucket/runs"})
-    assert shared_storage_problem(cloud, [node(0), node(1)], "n0") is None
-
-
 def test_run_with_a_uri_storage_path_keeps_its_records_through_pyarrow(ray_cluster, tmp_path):
     import raylm
     from raylm.checkpoint import META_FILE
@@ -279,3 +260,14 @@ def test_run_with_a_uri_storage_path_keeps_its_records_through_pyarrow(ray_clust
     assert sorted(os.listdir(cached)) == sorted(
         [*os.listdir(result.winner.checkpoint), ".complete"]
     )
+
+    # --force trains again and moves the finished run aside (through pyarrow), never deleting it.
+    old_files = sorted(p.relative_to(store / "uri") for p in (store / "uri").rglob("*"))
+    forced = raylm.run(spec, force=True, serve=False)
+    assert not forced.winner.reused and forced.moved_aside is not None
+    aside = Path(forced.moved_aside.removeprefix("file://"))
+    assert aside.name.startswith("uri.replaced-")
+    assert sorted(p.relative_to(aside) for p in aside.rglob("*")) == old_files
+    assert json.loads((aside / "run.json").read_text()) == record
+    new_record = json.loads((store / "uri" / "run.json").read_text())
+    assert new_record["checkpoint"].startswith(f"{store}/uri/checkpoint_")

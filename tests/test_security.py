@@ -111,3 +111,20 @@ def test_api_keys_are_compared_as_digests_in_constant_time(monkeypatch):
     assert all(len(a) == len(b) == 64 for a, b in seen), seen
     assert all("secret" not in a + b for a, b in seen)
     assert auth.check_key("anything", None) is True  # no key configured: open
+
+
+def test_a_pickle_only_model_directory_is_never_unpickled(model_dir, tmp_path):
+    """Every `from_pretrained` passes use_safetensors=True: a directory whose only weights are a
+    pickle is refused by training and serving alike, and the pickle never runs."""
+    from raylm.errors import CheckpointError
+
+    marker = tmp_path / "UNPICKLED"
+    (model_dir / "model.safetensors").unlink()
+    # A protocol-0 pickle that, if anything loaded it, would run `touch MARKER`.
+    (model_dir / "pytorch_model.bin").write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+    spec = spec_from_dict({"model": {"name_or_path": str(model_dir)}})
+    with pytest.raises(OSError, match="safetensors"):
+        build_model(spec, str(model_dir))  # training loads it through from_pretrained
+    with pytest.raises(CheckpointError, match="pickle-format"):
+        load_for_inference(model_dir)  # serving refuses it before from_pretrained
+    assert not marker.exists()

@@ -17,7 +17,7 @@ import yaml
 
 from raylm.job import load_job
 
-from .conftest import tiny_job
+from .conftest import metric_total, prometheus_text, tiny_job, wait_for_metric
 
 pytestmark = pytest.mark.ray
 
@@ -77,13 +77,22 @@ def served(ray_cluster, tmp_path_factory):
     spec = load_job(path)
     sweep = run_sweep(spec)
     os.environ[KEY_ENV] = KEY
-    plan = resolve_target(str(path))
-    url = start(plan)
-    trial_of = {}  # "a"/"b" → served model name of the trial trained on that file
+    trial_of, checkpoint_of = {}, {}  # "a"/"b" → served name / checkpoint of that file's trial
     for entry in sweep.manifest["top_k"]:
         tag = "a" if entry["config"]["data.train"] == str(files["a"]) else "b"
         trial_of[tag] = f"srv-{entry['trial_id']}"
-    yield {"url": url, "plan": plan, "manifest": sweep.manifest, "trial_of": trial_of}
+        checkpoint_of[tag] = entry["checkpoint"]
+    # "metered": trial a again under a name only the metrics test asks, so its token counters
+    # start at zero whatever the other tests sent.
+    plan = resolve_target(str(path), adapters=[f"metered={checkpoint_of['a']}"])
+    url = start(plan)
+    yield {
+        "url": url,
+        "plan": plan,
+        "manifest": sweep.manifest,
+        "trial_of": trial_of,
+        "checkpoint_of": checkpoint_of,
+    }
     shutdown()
     os.environ.pop(KEY_ENV, None)
 
@@ -116,14 +125,14 @@ def post(url: str, body: bytes | str, headers: dict[str, str] | None = None, met
 
 def test_models_lists_the_winner_and_each_top_k_trial(served):
     ids = [m.id for m in client(served).models.list().data]
-    assert ids[0] == "srv" and set(served["trial_of"].values()) <= set(ids) and len(ids) == 3
+    assert ids[0] == "srv" and set(served["trial_of"].values()) <= set(ids)
+    assert ids[-1] == "metered" and len(ids) == 4
 
 
 def test_openai_client_completion_chat_and_stream_match_in_process_generate(served):
     import torch
 
     from raylm.checkpoint import load_for_inference
-    from raylm.data import generation_prompt_ids
 
     c = client(served)
     tok, model = load_for_inference(served["manifest"]["checkpoint"])
@@ -141,7 +150,11 @@ def test_openai_client_completion_chat_and_stream_match_in_process_generate(serv
 
     messages = [{"role": "user", "content": "13+4"}]
     chat = c.chat.completions.create(model="srv", messages=messages, max_tokens=8, temperature=0)
-    expected = local(generation_prompt_ids(tok, meta["data_format"], meta["template"], messages))
+    # An instruction model is asked through the template it was trained with: built here from
+    # the checkpoint's own record, not by the server's formatting code.
+    assert meta["data_format"] == "instruction" and meta["template"] == "{instruction}="
+    prompt = meta["template"].replace("{instruction}", "13+4").replace("{input}", "")
+    expected = local(tok(prompt)["input_ids"])
     assert chat.choices[0].message.content == expected
     assert chat.choices[0].message.content in ANSWERS.values()
     assert chat.usage.completion_tokens >= 1 and chat.choices[0].finish_reason == "stop"
@@ -197,10 +210,35 @@ def test_concurrent_mixed_adapter_requests_batch_without_mixing_answers(served):
         r = c.completions.create(model=name, prompt="8+1=", max_tokens=6, temperature=0)
         return name, r.choices[0].text
 
+    def batches() -> tuple[float, float]:
+        """(requests batched, batches) so far: more requests than batches means a batch held
+        more than one."""
+        text = prometheus_text()
+        return (
+            metric_total(text, "ray_raylm_batch_size_sum"),
+            metric_total(text, "ray_raylm_batch_size_count"),
+        )
+
+    before = batches()
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(ask, names))
     want = {served["trial_of"][t]: a for t, a in ANSWERS.items()}
     assert all(text == want[name] for name, text in results), results
+    wait_for_metric("ray_raylm_batch_size_count", before[1] + 1)
+    rows, count = (after - b for after, b in zip(batches(), before, strict=True))
+    assert rows >= len(names) and count < rows, (rows, count)  # some batch held 2+ requests
+
+
+def test_one_batch_of_two_adapters_answers_as_each_does_alone(served):
+    from raylm.serving.engine import Engine, Sampling
+
+    cks = served["checkpoint_of"]
+    engine = Engine([("a", cks["a"]), ("b", cks["b"])])
+    ids = engine.encode_prompt("8+1=")
+    greedy = Sampling(max_tokens=6)
+    together = engine.generate([("a", ids, greedy), ("b", ids, greedy), ("a", ids, greedy)])
+    alone = [engine.generate([(m, ids, greedy)])[0] for m in ("a", "b", "a")]
+    assert [c.text for c in together] == [c.text for c in alone] == ["42", "7", "42"]
 
 
 def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str], int]]:
@@ -405,41 +443,37 @@ def test_bad_requests_get_4xx_openai_errors_and_the_app_keeps_serving(served):
 
 
 def test_the_api_key_never_reaches_a_log_file(served):
+    import uuid
+
     import ray
 
-    # Requests with the right key, a wrong one and a malformed header, then read every log.
+    # Requests with the right key, a wrong one and a malformed header; then one to a route
+    # named by a fresh marker. Serve writes access logs asynchronously, in order: once the
+    # marker is in a log, the keyed requests before it are logged too.
     c = client(served)
     c.completions.create(model="srv", prompt="1+1=", max_tokens=2, temperature=0)
     post(served["url"] + "/v1/completions", '{"prompt": "x"}', {"Authorization": f"Bearer {KEY}-x"})
     post(served["url"] + "/v1/completions", '{"prompt": "x"}', {"Authorization": f"Token {KEY}"})
+    marker = f"marker-{uuid.uuid4().hex}"
+    assert post(served["url"] + f"/v1/{marker}", "{}")[0] == 404
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    time.sleep(2)  # Serve's access log is written asynchronously
-    scanned, leaks = 0, []
-    for root, _, files in os.walk(logs):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                scanned += 1
-                if KEY.encode() in f.read():
-                    leaks.append(name)
-    assert scanned > 10 and not leaks, leaks
 
+    def read_all() -> dict[str, bytes]:
+        out = {}
+        for root, _, files in os.walk(logs):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    out[os.path.join(root, name)] = f.read()
+        return out
 
-def test_default_max_tokens_is_16_for_completions_and_the_server_limit_for_chat(served):
-    c = client(served)
-    comp = c.completions.create(model="srv", prompt="3+3=", temperature=0)
-    chat = c.chat.completions.create(
-        model="srv", messages=[{"role": "user", "content": "3+3="}], temperature=0
-    )
-    assert 1 <= comp.usage.completion_tokens <= 16
-    assert 1 <= chat.usage.completion_tokens <= 32  # the served job's serve.max_new_tokens
-    assert chat.choices[0].message.content.startswith(comp.choices[0].text[:2])
-    limited = c.chat.completions.create(
-        model="srv",
-        messages=[{"role": "user", "content": "3+3="}],
-        temperature=0,
-        max_completion_tokens=1,
-    )
-    assert limited.usage.completion_tokens == 1 and limited.choices[0].finish_reason == "length"
+    deadline = time.monotonic() + 60
+    contents = read_all()
+    while not any(marker.encode() in b for b in contents.values()):
+        assert time.monotonic() < deadline, "the marker request never reached a log file"
+        time.sleep(0.5)
+        contents = read_all()
+    leaks = [os.path.basename(p) for p, b in contents.items() if KEY.encode() in b]
+    assert len(contents) > 10 and not leaks, leaks
 
 
 def test_wrong_key_through_the_openai_client_is_an_authentication_error(served):
@@ -450,22 +484,12 @@ def test_wrong_key_through_the_openai_client_is_an_authentication_error(served):
 
 
 def test_token_and_batch_metrics_reach_rays_prometheus_endpoint(served):
-    import time
-
-    import ray
-
-    c = client(served)
-    c.completions.create(model="srv", prompt="5+5=", max_tokens=4, temperature=0)
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, text, tokens = time.monotonic() + 60, "", []
-    while time.monotonic() < deadline and not tokens:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        tokens = [
-            line
-            for line in text.splitlines()
-            if line.startswith("ray_raylm_generated_tokens") and 'model="srv"' in line
-        ]
-        time.sleep(0 if tokens else 1)
-    assert tokens and float(tokens[0].rsplit(" ", 1)[1]) >= 1, text[-3000:]
-    assert "ray_raylm_batch_size_bucket" in text
+    # "metered" is asked by this test alone: its counters count exactly this request.
+    r = client(served).completions.create(
+        model="metered", prompt="5+5=", max_tokens=4, temperature=0
+    )
+    got = wait_for_metric("ray_raylm_generated_tokens", r.usage.completion_tokens, model="metered")
+    assert got == r.usage.completion_tokens >= 1
+    got = wait_for_metric("ray_raylm_prompt_tokens", r.usage.prompt_tokens, model="metered")
+    assert got == r.usage.prompt_tokens == len("5+5=") + 1  # characters + <s>
+    assert metric_total(prometheus_text(), "ray_raylm_batch_size_count") >= 1

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, endless_llama, tiny_job
 from .test_serve_ray import free_port
 
 pytestmark = pytest.mark.ray
@@ -151,63 +151,51 @@ def test_cli_serve_detach_prints_a_working_curl_line_and_shutdown_stops_it(ray_c
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
-def test_cli_serve_refuses_bad_settings_and_a_missing_key_before_starting_anything(tmp_path):
-    from raylm.models import materialize_tiny_llama
+def test_answers_run_to_their_limits_with_the_openai_defaults(ray_cluster, tmp_path):
+    """A model that never ends a text by itself: every answer stops at its token limit, so the
+    defaults (16 for completions, `serve.max_new_tokens` for chat) show exactly."""
+    from openai import OpenAI
 
-    target = str(materialize_tiny_llama())
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raylm.cli",
-            "serve",
-            target,
-            "serve.port=0",
-            "serve.max_batch_size=32",
-            "training.lr=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    from raylm.serving.deploy import resolve_target, shutdown, start
+
+    url = start(
+        resolve_target(
+            endless_llama(tmp_path),
+            [f"serve.port={free_port()}", "serve.num_cpus=0.5", "serve.max_new_tokens=24"],
+        )
     )
-    assert bad.returncode == 2
-    assert "training.*: only serve.* settings apply" in bad.stderr
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raylm.cli",
-            "serve",
-            target,
-            "serve.port=0",
-            "serve.autoscaling.max_replica=3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert bad.returncode == 2
-    assert (
-        "serve.port=0" in bad.stderr and "serve.autoscaling.max_replica: unknown key" in bad.stderr
-    )
-    nokey = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raylm.cli",
-            "serve",
-            target,
-            "serve.api_key_env=RAYLM_UNSET_KEY_VAR",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert nokey.returncode == 2 and "RAYLM_UNSET_KEY_VAR" in nokey.stderr
-    assert "Started a local Ray" not in nokey.stderr
+    c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    chat = [{"role": "user", "content": "1 2"}]
+    try:
+        comp = c.completions.create(model="endless-llama", prompt="1 2", temperature=0)
+        assert comp.usage.completion_tokens == 16 and comp.choices[0].finish_reason == "length"
+        answer = c.chat.completions.create(model="endless-llama", messages=chat, temperature=0)
+        assert answer.usage.completion_tokens == 24  # the job's serve.max_new_tokens
+        assert answer.choices[0].finish_reason == "length"
+        one = c.chat.completions.create(
+            model="endless-llama", messages=chat, temperature=0, max_completion_tokens=1
+        )
+        assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+        seven = c.completions.create(model="endless-llama", prompt="5", max_tokens=7, temperature=0)
+        assert seven.usage.completion_tokens == 7 and seven.choices[0].finish_reason == "length"
+        stream = list(
+            c.completions.create(
+                model="endless-llama", prompt="5", max_tokens=7, temperature=0, stream=True
+            )
+        )
+        assert "".join(ch.choices[0].text for ch in stream) == seven.choices[0].text
+        assert stream[-1].choices[0].finish_reason == "length"
+
+        def sample(seed: int) -> str:
+            r = c.completions.create(
+                model="endless-llama", prompt="5", max_tokens=12, temperature=1.0, seed=seed
+            )
+            assert r.usage.completion_tokens == 12
+            return r.choices[0].text
+
+        assert sample(1) == sample(1) != sample(2)  # the seed decides, and temperature is used
+    finally:
+        shutdown()
 
 
 def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
@@ -268,5 +256,69 @@ def test_full_queue_answers_503_and_the_app_recovers(ray_cluster):
         assert {code for code, _ in outcomes} <= {200, 503}, outcomes
         assert sum(r for _, r in outcomes) >= 1, outcomes
         assert all(r <= 1 for _, r in outcomes)
+    finally:
+        shutdown()
+
+
+def test_a_chat_trained_checkpoint_is_served_through_its_tokenizers_chat_template(
+    ray_cluster, tmp_path
+):
+    import torch
+    from openai import OpenAI
+
+    from raylm.checkpoint import load_for_inference
+    from raylm.job import spec_from_dict
+    from raylm.serving.deploy import resolve_target, shutdown, start
+    from raylm.training.trainer import run_train
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Add."},
+                        {"role": "user", "content": f"{a}+{b}"},
+                        {"role": "assistant", "content": str(a + b)},
+                    ]
+                }
+            )
+            + "\n"
+            for a in range(20)
+            for b in range(10)
+        )
+    )
+    result = run_train(
+        spec_from_dict(
+            tiny_job(
+                tmp_path,
+                name="chat",
+                data={"train": str(data), "format": "chat", "num_examples": None, "max_length": 64},
+                scaling={"num_workers": 1, "cpus_per_worker": 1},
+                training={"max_steps": 10, "eval_every": 10},
+            )
+        )
+    )
+    ckpt = result.best_checkpoint
+    tok, model = load_for_inference(ckpt)
+    messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": "13+4"}]
+    # Built here from the checkpoint's own tokenizer, not by the server's formatting code.
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    assert tok.decode(ids).endswith("<|assistant|>\n")
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    expected = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    url = start(resolve_target(ckpt, [f"serve.port={free_port()}", "serve.num_cpus=0.5"]))
+    try:
+        c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = c.chat.completions.create(
+            model="chat", messages=messages, max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].message.content == expected
+        assert answer.usage.prompt_tokens == len(ids)  # the whole templated conversation
     finally:
         shutdown()

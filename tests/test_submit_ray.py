@@ -12,21 +12,23 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from raylm.job import load_job
-
-from .conftest import tiny_job
 from .test_serve_ray import free_port
+from .test_submit import SECRET, SECRET_ENV, make_job_dir
 
 pytestmark = pytest.mark.ray
 
 
-SECRET_ENV, SECRET = "RAYLM_SUBMIT_KEY", "sk-submit-7f3a9c1e5b"
 HEAD: dict[str, str] = {}  # the test head's temp dir, for reading its logs
+# Token auth is set explicitly for the head and for raylm, never read from a file on this machine.
+TOKEN = f"raylm-test-token-{uuid.uuid4().hex}"
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+CARRIED_ENV, CARRIED = "RAYLM_TEST_CARRIED", "carried-7d1e"
 
 
 def raylm_cli(cwd, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -36,17 +38,18 @@ def raylm_cli(cwd, *args: str, timeout: float = 600) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env={**os.environ, SECRET_ENV: SECRET},
+        env={**os.environ, **AUTH, SECRET_ENV: SECRET, CARRIED_ENV: CARRIED},
     )
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A second, separate Ray head (2 CPUs) with its dashboard/Jobs API; stopped afterwards."""
-    from raylm.submit import jobs_client
+    """A second, separate Ray head (2 CPUs) with its dashboard/Jobs API and token auth;
+    stopped afterwards."""
+    from ray.job_submission import JobSubmissionClient
 
     dash = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **AUTH}
     # The job's entrypoint `raylm run` must be on the head's PATH (cluster.yaml installs it there).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("RAY_ADDRESS", None)
@@ -87,7 +90,7 @@ def head(tmp_path_factory):
     deadline, last = time.monotonic() + 120, None
     while time.monotonic() < deadline:
         try:
-            jobs_client(url).list_jobs()
+            JobSubmissionClient(url, headers={"Authorization": f"Bearer {TOKEN}"}).list_jobs()
             break
         except Exception as exc:  # not up yet
             last = exc
@@ -111,65 +114,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory):
-    """A job with a local data file named by a relative path, beside things that must not travel."""
-    d = tmp_path_factory.mktemp("submit")
-    (d / "data.jsonl").write_text(
-        "".join(
-            json.dumps({"instruction": f"{a}+{b}", "input": "", "output": str(a + b)}) + "\n"
-            for a in range(20)
-            for b in range(20)
-        )
-    )
-    (d / ".git").mkdir()
-    (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (d / "runs").mkdir()
-    (d / "notes.txt").write_text("not part of the job\n")
-    job = tiny_job(
-        d,
-        name="sub",
-        storage_path=str(d / "cluster-runs"),
-        data={"train": "data.jsonl", "num_examples": None},
-        scaling={"num_workers": 1, "cpus_per_worker": 1},
-        training={"max_steps": 10, "eval_every": 10},
-        serve={"port": free_port(), "num_cpus": 0.5, "api_key_env": SECRET_ENV},
-    )
-    (d / "job.yaml").write_text(yaml.safe_dump(job))
-    return d
-
-
-def test_stage_job_carries_the_job_and_its_data_only(job_dir, tmp_path, monkeypatch):
-    from raylm.submit import build_runtime_env, entrypoint, stage_job
-
-    monkeypatch.chdir(job_dir)
-    spec = load_job("job.yaml", ["training.lr=1e-3"])
-    staged = stage_job(spec, tmp_path / "wd")
-    files = sorted(str(p.relative_to(tmp_path / "wd")) for p in (tmp_path / "wd").rglob("*"))
-    assert files == ["files", "files/0-data.jsonl", "job.yaml"]
-    carried = yaml.safe_load((tmp_path / "wd" / "job.yaml").read_text())
-    assert carried["data"]["train"] == "files/0-data.jsonl"
-    assert carried["training"]["lr"] == 1e-3  # overrides travel inside the job file
-    assert carried["storage_path"] == str(job_dir / "cluster-runs")
-    assert (tmp_path / "wd" / "files" / "0-data.jsonl").read_bytes() == (
-        job_dir / "data.jsonl"
-    ).read_bytes()
-    monkeypatch.setenv(SECRET_ENV, SECRET)
-    env = build_runtime_env(staged, pip=["optuna"])
-    # the serving key travels by name from this machine's environment, not in the job file
-    assert env == {
-        "working_dir": str(tmp_path / "wd"),
-        "pip": ["optuna"],
-        "env_vars": {SECRET_ENV: SECRET},
-    }
-    assert SECRET not in (tmp_path / "wd" / "job.yaml").read_text()
-    assert entrypoint(["--detach"]) == "raylm run job.yaml --detach"
-
-
-def test_relative_local_storage_goes_under_the_cluster_home():
-    from raylm.submit import cluster_storage_path
-
-    assert cluster_storage_path("./runs") == "~/raylm/runs"
-    assert cluster_storage_path("s3://bucket/runs") == "s3://bucket/runs"
-    assert cluster_storage_path("/mnt/shared/runs") == "/mnt/shared/runs"
+    return make_job_dir(tmp_path_factory.mktemp("submit"), serve_port=free_port())
 
 
 def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, job_dir):
@@ -203,12 +148,17 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
         "training.max_steps=100000",
         "--no-wait",
         "--no-serve",
+        "--pip",
+        "six",
+        "--env",
+        CARRIED_ENV,
         "--address",
         head,
         timeout=120,
     )
     assert long.returncode == 0, long.stderr[-2000:]
     long_id = next(w for w in long.stdout.split() if w.startswith("raylm-long-"))
+    assert CARRIED not in long.stdout + long.stderr  # carried by name, its value never printed
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # stop it once it is really training
         if (
@@ -219,6 +169,17 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
         time.sleep(3)
     else:
         pytest.fail("the long job never started training")
+    # It trained inside the runtime_env raylm built: the pip package and the variable by name.
+    from raylm.submit import jobs_client
+
+    os.environ.update(AUTH)
+    try:
+        runtime_env = jobs_client(head).get_job_info(long_id).runtime_env
+    finally:
+        for name in AUTH:
+            os.environ.pop(name, None)
+    assert "six" in json.dumps(runtime_env["pip"])
+    assert runtime_env["env_vars"][CARRIED_ENV] == CARRIED
     stop = raylm_cli(job_dir, "jobs", "stop", long_id, "--address", head, timeout=120)
     assert stop.returncode == 0 and f"{long_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     listed = raylm_cli(job_dir, "jobs", "list", "--address", head, timeout=60).stdout
@@ -243,7 +204,7 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
 
 
 def test_jobs_without_the_clusters_token_fail_clearly(head, job_dir, tmp_path):
-    wrong = {**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}
+    wrong = {**os.environ, **AUTH, "RAY_AUTH_TOKEN": "not-the-token"}
     # No token at all: none in the environment and an empty home (no ~/.ray/auth_token).
     none = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
     none["HOME"] = str(tmp_path)

@@ -16,6 +16,10 @@ def test_bf16_zero2_lora_on_gpu(tmp_path):
     import ray
     import torch
 
+    assert torch.cuda.is_available(), (
+        f"a GPU is visible (nvidia-smi) but torch {torch.__version__} cannot use it: install a "
+        "CUDA build of torch, e.g. `make install TORCH=torch` (the Makefile pins the CPU wheel)"
+    )
     if not ray.is_initialized():
         ray.init(num_cpus=4, num_gpus=torch.cuda.device_count())
     job = tiny_job(

@@ -46,7 +46,8 @@ def tune_state(root: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """A 6-trial lr × rank sweep, killed once a trial has finished, then `raylm tune --resume`."""
+    """A 6-trial lr × rank sweep, killed once a trial has finished while another is mid-run
+    past its first checkpoint, then `raylm tune --resume`."""
     tmp = tmp_path_factory.mktemp("sweep")
     job = tiny_job(
         tmp,
@@ -73,11 +74,23 @@ def sweep(ray_cluster, tmp_path_factory):
         cwd=REPO,
     )
     deadline = time.time() + 400
+
+    def interrupted(state: dict) -> dict:
+        """Trials running with a checkpoint (an eval reported) and steps still to go."""
+        return {
+            tid: t
+            for tid, t in state.items()
+            if t["status"] == "RUNNING" and 20 <= (t["step"] or 0) < 60
+        }
+
     try:
-        while not any(t["status"] == "TERMINATED" for t in tune_state(root).values()):
+        while True:
+            state = tune_state(root)
+            if any(t["status"] == "TERMINATED" for t in state.values()) and interrupted(state):
+                break
             assert proc.poll() is None, open(tmp / "first.log").read()[-3000:]
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+            assert time.time() < deadline, f"no finished and interrupted trial in time: {state}"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -105,6 +118,7 @@ def sweep(ray_cluster, tmp_path_factory):
     assert tune_state(root) == after
     return {
         "spec": spec,
+        "interrupted": interrupted(before),
         "before": before,
         "after": after,
         "result": result,
@@ -129,28 +143,59 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     )  # the resumed trials ran in `raylm tune --resume`
 
 
+def trial_checkpoints(root: str) -> list[tuple[str, dict]]:
+    """(trial id, raylm.json) of every whole checkpoint the sweep's trials left on disk."""
+    from raylm.checkpoint import checkpoint_problems
+
+    out = []
+    for meta in glob.glob(os.path.join(root, "trials", "trial-*", "checkpoint_*", "raylm.json")):
+        ckpt = os.path.dirname(meta)
+        if not checkpoint_problems(ckpt):
+            trial = os.path.basename(os.path.dirname(ckpt)).removeprefix("trial-")
+            out.append((trial, json.load(open(meta))))
+    return out
+
+
+def test_interrupted_trials_resume_from_their_own_checkpoints(sweep):
+    root = sweep_dir(sweep["spec"])
+    assert sweep["interrupted"], sweep["before"]
+    for tid, seen in sweep["interrupted"].items():
+        metas = [m for t, m in trial_checkpoints(root) if t == tid]
+        last = max(metas, key=lambda m: m["step"])
+        assert last["step"] == 60, (tid, last["step"])
+        # It continued from a checkpoint at or after the step it had reached, not from 0.
+        assert len(last["resumes"]) == 1 and last["resumes"][0] >= seen["step"], (tid, last)
+        steps = [h["step"] for h in last["history"]]
+        assert steps == sorted(set(steps)), steps  # no step counted twice
+
+
 def test_asha_stops_trials_with_bad_learning_rates_early(sweep):
     rows = sweep["result"].rows
     assert len(rows) == 6
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["step"] < r["total_steps"] for r in stopped)
     tiny_lr = [r for r in rows if r["training.lr"] == pytest.approx(1e-6)]
+    assert len(tiny_lr) == 2
     assert all(r["status"] == "stopped early" for r in tiny_lr)
     assert any(r["status"] == "finished" for r in rows)
 
 
 def test_promoted_trial_has_the_best_metric_of_all(sweep):
-    rows, manifest = sweep["result"].rows, read_manifest(sweep["spec"])
+    manifest = read_manifest(sweep["spec"])
     assert manifest == sweep["result"].manifest
-    assert manifest["eval_loss"] == min(r["eval_loss"] for r in rows)
-    assert manifest["trial_id"] == rows[0]["trial_id"]
-    assert os.path.isdir(manifest["checkpoint"])
-    assert json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))["metrics"][
-        "eval_loss"
-    ] == pytest.approx(manifest["eval_loss"])
+    # The best over every trial's own checkpoints on disk, not over what run_sweep reports.
+    on_disk = trial_checkpoints(sweep_dir(sweep["spec"]))
+    assert {t for t, _ in on_disk} == set(sweep["after"])  # every trial left a checkpoint
+    best = min(m["metrics"]["eval_loss"] for _, m in on_disk)
+    assert manifest["eval_loss"] == pytest.approx(best)
+    assert os.path.dirname(manifest["checkpoint"]).endswith(f"trial-{manifest['trial_id']}")
+    promoted = json.load(open(os.path.join(manifest["checkpoint"], "raylm.json")))
+    assert promoted["metrics"]["eval_loss"] == pytest.approx(best)
+    # The manifest's config is the promoted trial's own: what its checkpoint was trained with.
+    trained = promoted["spec"]
     assert manifest["config"] == {
-        "training.lr": rows[0]["training.lr"],
-        "lora.r": rows[0]["lora.r"],
+        "training.lr": trained["training"]["lr"],
+        "lora.r": trained["lora"]["r"],
     }
     assert 1 <= len(manifest["top_k"]) <= 3
 

@@ -90,8 +90,17 @@ class Gateway:
         api_key_digest: str | None,
         task: str = "causal_lm",
     ):
+        from ray.serve.metrics import Counter
+
         self.replicas = replicas
         self.names = names
+        # Requests whose replica died under them and that were sent to another (stream: only
+        # before its first event): what the app survived without the client noticing.
+        self.m_retries = Counter(
+            "raylm_replica_retries",
+            description="Requests retried on another model replica after theirs was lost.",
+            tag_keys=("kind",),
+        )
         self.task = task
         self.max_body_bytes = max_body_bytes
         self._key = api_key_digest
@@ -143,6 +152,10 @@ class Gateway:
             )
         return name
 
+    def _retried(self, kind: str) -> None:
+        logger.warning("model replica lost before answering; retrying once on another")
+        self.m_retries.inc(1, tags={"kind": kind})
+
     async def _answer(self, kind: str, req: Any) -> Any:
         model = self._model(req.model)
         if getattr(req, "stream", False):
@@ -155,7 +168,7 @@ class Gateway:
             except REPLICA_LOST:
                 if attempt == 2:
                     raise _unavailable("the model replica serving this request stopped") from None
-                logger.warning("model replica lost mid-request; retrying once on another")
+                self._retried(kind)
             except BackPressureError:
                 raise _unavailable("every model replica's queue is full") from None
 
@@ -169,6 +182,7 @@ class Gateway:
             except REPLICA_LOST:
                 if attempt == 2:
                     raise _unavailable("the model replica serving this request stopped") from None
+                self._retried(f"{kind}-stream")
             except BackPressureError:
                 raise _unavailable("every model replica's queue is full") from None
         if status != 200:
