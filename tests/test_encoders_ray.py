@@ -232,6 +232,13 @@ def test_classify_over_http_matches_in_process_predictions(sweep):
             )
             assert accuracy == pytest.approx(measured[name], abs=0.011)
         assert len(set(measured.values())) > 1, "the trials should not all score alike"
+        # raylm's own client speaks the route too, and gets the same answer.
+        from raylm.client import Client
+
+        via_client = Client(url).classify(texts[:3], model=names[1])
+        assert [d["label"] for d in via_client["data"]] == [
+            x.label for x in local.classify([(names[1], t) for t in texts[:3]])
+        ]
         # Client mistakes are 4xx JSON errors, and the app keeps answering.
         assert (
             post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})[0]
@@ -272,6 +279,12 @@ def test_ner_over_http_finds_entities_with_character_offsets_like_in_process(ner
             answers = list(pool.map(lambda t: post(url + "/v1/ner", {"input": t}), texts))
         assert all(status == 200 for status, _ in answers)
         want = local.ner([(plan.models[0][0], t) for t in texts])
+        from raylm.client import Client
+
+        via_client = Client(url).ner(texts[:2])  # raylm's client speaks the route too
+        assert [[x["entity"] for x in d["entities"]] for d in via_client["data"]] == [
+            [x.entity for x in ents] for ents in want[:2]
+        ]
         hits = n_pred = n_true = 0
         for row, text, (_, body), exp in zip(evals, texts, answers, want, strict=True):
             got = body["data"][0]["entities"]
