@@ -205,3 +205,307 @@ def test_label_request_takes_one_text_or_a_list_of_them():
     assert req.texts() == ["a", "b"] and req.model == "m"
     with pytest.raises(APIError, match="at most 256 texts"):
         parse_body(json.dumps({"input": ["x"] * 257}).encode(), JSON, LabelRequest)
+
+
+# -- the wire format alone: errors, request validators, response bodies -----------------------
+
+import re  # noqa: E402
+import time  # noqa: E402
+
+from raylm.serving.openai_api import (  # noqa: E402
+    MAX_INPUTS,
+    MAX_STOP,
+    Message,
+    chat_body,
+    classify_body,
+    completion_body,
+    ner_body,
+    new_id,
+    sse,
+    usage,
+)
+
+
+def _refusal(body, model=CompletionRequest, ctype=JSON) -> APIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(APIError) as info:
+        parse_body(raw, ctype, model)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (400, "invalid_request_error"),
+        (499, "invalid_request_error"),
+        (500, "server_error"),
+        (503, "server_error"),
+    ],
+)
+def test_api_error_type_follows_the_status(status, kind):
+    err = APIError(status, "went wrong")
+    assert (err.status, err.message, err.param, err.code, err.type) == (
+        status,
+        "went wrong",
+        None,
+        None,
+        kind,
+    )
+    assert str(err) == "went wrong"
+
+
+def test_api_error_body_is_openais_error_object():
+    err = APIError(404, "no such model", param="model", code="model_not_found", type_="not_found")
+    assert err.body() == {
+        "error": {
+            "message": "no such model",
+            "type": "not_found",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/json", "Application/JSON", " application/json ; charset=utf-8"]
+)
+def test_json_content_types_are_accepted_whatever_case_and_parameters(ctype):
+    assert parse_body(b'{"prompt": "hi"}', ctype, CompletionRequest).prompt == "hi"
+
+
+@pytest.mark.parametrize("ctype", [None, "", "text/plain", "application/jsonl", "json"])
+def test_other_content_types_are_415(ctype):
+    err = _refusal(b'{"prompt": "hi"}', ctype=ctype)
+    assert (err.status, err.code, err.param) == (415, "unsupported_media_type", None)
+    assert err.type == "invalid_request_error"
+    assert err.message == f"Content-Type must be application/json, got {ctype!r}"
+
+
+def test_bodies_that_are_not_json_objects_are_invalid_json():
+    utf = _refusal(b'{"prompt": "\xff"}')
+    assert (utf.status, utf.code, utf.param) == (400, "invalid_json", None)
+    assert utf.message == "request body is not valid UTF-8"
+    broken = _refusal(b'{"prompt": ')
+    assert (broken.status, broken.code) == (400, "invalid_json")
+    assert broken.message.startswith("request body is not valid JSON: ")
+    deep = _refusal(b"[" * 100_000 + b"]" * 100_000)
+    assert (deep.status, deep.code) == (400, "invalid_json")
+    for raw in (b"[]", b'"prompt"', b"3", b"null"):
+        err = _refusal(raw)
+        assert (err.status, err.code, err.message) == (
+            400,
+            "invalid_json",
+            "request body must be a JSON object",
+        )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_constants_are_named(constant):
+    err = _refusal(f'{{"prompt": "hi", "temperature": {constant}}}'.encode())
+    assert (err.status, err.code) == (400, "invalid_json")
+    assert err.message == f"request body is not valid JSON: {constant} is not valid JSON"
+
+
+def test_a_validation_error_names_its_field_value_and_how_many_more():
+    one = _refusal({"prompt": "hi", "temperature": 3})
+    assert (one.status, one.code, one.param) == (400, "invalid_value", "temperature")
+    assert one.message.startswith("temperature=3: ")
+    three = _refusal({"prompt": "", "temperature": 3, "top_p": 0})
+    assert three.param == "temperature"  # the first in field order
+    assert three.message.startswith("temperature=3: ") and three.message.endswith(" (and 2 more)")
+    two = _refusal({"prompt": "hi", "temperature": 3, "top_p": 0})
+    assert two.message.endswith(" (and 1 more)")
+    assert "more)" not in one.message
+
+
+def test_a_long_bad_value_is_cut_to_60_characters():
+    err = _refusal({"prompt": "\x00" + "b" * 200})
+    value = err.message.removeprefix("prompt=").split(": ")[0]
+    assert len(value) == 60 and value.endswith("...")
+
+
+def test_a_whole_body_problem_has_no_param():
+    msgs = [{"role": "user", "content": "hi"}]
+    err = _refusal({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}, ChatRequest)
+    assert (err.status, err.code, err.param) == (400, "invalid_value", None)
+    assert err.message.endswith("give max_tokens or max_completion_tokens, not both")
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\x7f"])
+def test_control_characters_are_refused_in_every_text(char):
+    err = _refusal({"prompt": f"a{char}b"})
+    assert err.param == "prompt" and err.message.endswith(": prompt contains control characters")
+    msgs = [{"role": "user", "content": f"a{char}b"}]
+    err = _refusal({"messages": msgs}, ChatRequest)
+    assert err.param == "messages.0.content"
+    assert err.message.endswith(": content contains control characters")
+    err = _refusal({"input": ["ok", f"a{char}b"]}, LabelRequest)
+    assert err.param == "input" and err.message.endswith(": input contains control characters")
+
+
+@pytest.mark.parametrize("char", ["\t", "\n", "\r", " ", "é", "\x80"])
+def test_whitespace_and_printable_text_is_accepted(char):
+    assert parse_body(json.dumps({"prompt": f"a{char}b"}).encode(), JSON, CompletionRequest)
+    msgs = [{"role": "user", "content": f"a{char}b"}]
+    assert parse_body(json.dumps({"messages": msgs}).encode(), JSON, ChatRequest)
+    assert parse_body(json.dumps({"input": f"a{char}b"}).encode(), JSON, LabelRequest)
+
+
+def test_stop_takes_one_string_or_up_to_four():
+    def stops(stop):
+        return parse_body(
+            json.dumps({"prompt": "hi", "stop": stop}).encode(), JSON, CompletionRequest
+        )
+
+    assert stops("\n").stop == ["\n"] and stops("\n").stops() == ("\n",)
+    assert stops(["a", "b", "c", "d"]).stops() == ("a", "b", "c", "d")
+    assert MAX_STOP == 4
+    assert stops(None).stop is None and stops(None).stops() == ()
+    assert stops([]).stops() == ()
+    too_many = _refusal({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]})
+    assert too_many.param == "stop" and too_many.message.endswith(": at most 4 stop sequences")
+    empty = _refusal({"prompt": "hi", "stop": ["a", ""]})
+    assert empty.param == "stop"
+    assert empty.message.endswith(": stop sequences must be non-empty")
+    assert _refusal({"prompt": "hi", "stop": ""}).param == "stop"
+
+
+def test_chat_limit_names():
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = parse_body(json.dumps({"messages": msgs, "max_tokens": 7}).encode(), JSON, ChatRequest)
+    assert plain.max_tokens == 7 and plain.max_completion_tokens is None
+    neither = parse_body(json.dumps({"messages": msgs}).encode(), JSON, ChatRequest)
+    assert neither.max_tokens is None
+
+
+@pytest.mark.parametrize(
+    "messages, ok",
+    [
+        ([{"role": "user", "content": "hi"}], True),
+        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], True),
+        ([{"role": "user", "content": ""}, {"role": "user", "content": "hi"}], True),
+        ([{"role": "user", "content": ""}], False),
+        ([{"role": "assistant", "content": "hi"}], False),
+        ([{"role": "system", "content": "hi"}, {"role": "assistant", "content": "x"}], False),
+    ],
+)
+def test_chat_needs_a_non_empty_user_message(messages, ok):
+    raw = json.dumps({"messages": messages}).encode()
+    if ok:
+        assert [m.role for m in parse_body(raw, JSON, ChatRequest).messages] == [
+            m["role"] for m in messages
+        ]
+    else:
+        err = _refusal(raw, ChatRequest)
+        assert err.param == "messages"
+        assert err.message.endswith(": needs at least one non-empty user message")
+
+
+def test_message_fields():
+    m = Message(role="user", content="hi", name="ann")
+    assert (m.role, m.content, m.name) == ("user", "hi", "ann")
+    msgs = [{"role": "user", "content": "hi", "name": "n" * 65}]
+    assert _refusal({"messages": msgs}, ChatRequest).param == "messages.0.name"
+
+
+def test_label_input_limits():
+    assert MAX_INPUTS == 256
+    ok = parse_body(json.dumps({"input": ["x"] * 256}).encode(), JSON, LabelRequest)
+    assert len(ok.texts()) == 256
+    too_many = _refusal({"input": ["x"] * 257}, LabelRequest)
+    assert too_many.param == "input"
+    assert too_many.message.endswith(": at most 256 texts per request")
+    none = _refusal({"input": []}, LabelRequest)
+    assert none.param == "input" and none.message.endswith(": needs at least one text")
+    blank = _refusal({"input": ["ok", " \n"]}, LabelRequest)
+    assert blank.param == "input" and blank.message.endswith(": texts must not be empty")
+    req = parse_body(b'{"input": ["a", "b"]}', JSON, LabelRequest)
+    texts = req.texts()
+    texts.append("c")
+    assert req.texts() == ["a", "b"]  # a copy, not the request's own list
+
+
+def test_ids_are_prefixed_and_unique():
+    ids = {new_id("cmpl") for _ in range(50)}
+    assert len(ids) == 50
+    assert all(re.fullmatch(r"cmpl-[0-9a-f]{24}", i) for i in ids)
+
+
+def test_usage_totals():
+    assert usage(7, 3) == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def _check_envelope(body, prefix, obj, model):
+    assert re.fullmatch(rf"{prefix}-[0-9a-f]{{24}}", body["id"]), body["id"]
+    assert body["object"] == obj and body["model"] == model
+    assert isinstance(body["created"], int) and abs(body["created"] - time.time()) < 5
+
+
+def test_completion_body():
+    body = completion_body("m", "42", "length", 5, 2)
+    _check_envelope(body, "cmpl", "text_completion", "m")
+    assert body["choices"] == [
+        {"index": 0, "text": "42", "logprobs": None, "finish_reason": "length"}
+    ]
+    assert body["usage"] == usage(5, 2)
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+
+
+def test_chat_body():
+    body = chat_body("m", "hello", "stop", 4, 1)
+    _check_envelope(body, "chatcmpl", "chat.completion", "m")
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "hello"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert body["usage"] == usage(4, 1)
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+
+
+def test_classify_body_numbers_each_text_in_order():
+    labels = [{"label": "pos", "score": 0.9}, {"label": "neg", "score": 0.6}]
+    body = classify_body("c", labels, 11)
+    _check_envelope(body, "clf", "classification", "c")
+    assert body["data"] == [
+        {"index": 0, "label": "pos", "score": 0.9},
+        {"index": 1, "label": "neg", "score": 0.6},
+    ]
+    assert body["usage"] == usage(11, 0)
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+
+
+def test_ner_body_numbers_each_text_in_order():
+    ents = [[{"entity": "PER", "text": "Ann", "start": 0, "end": 3, "score": 0.9}], []]
+    body = ner_body("t", ents, 6)
+    _check_envelope(body, "ner", "ner", "t")
+    assert body["data"] == [{"index": 0, "entities": ents[0]}, {"index": 1, "entities": []}]
+    assert body["usage"] == usage(6, 0)
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+
+
+def test_sse_events():
+    assert sse("[DONE]") == "data: [DONE]\n\n"
+    assert sse({"a": [1, "x"]}) == 'data: {"a": [1, "x"]}\n\n'
+
+
+def test_stream_chunks():
+    assert chunk("chat", "id1", 5, "m", {"role": "assistant"}, None) == {
+        "id": "id1",
+        "object": "chat.completion.chunk",
+        "created": 5,
+        "model": "m",
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+        ],
+    }
+    assert chunk("text", "id2", 6, "m", "4", "stop") == {
+        "id": "id2",
+        "object": "text_completion",
+        "created": 6,
+        "model": "m",
+        "choices": [{"index": 0, "text": "4", "logprobs": None, "finish_reason": "stop"}],
+    }

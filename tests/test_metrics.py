@@ -69,3 +69,66 @@ def test_accuracy_and_macro_f1_match_scikit_learn(case):
     ours = classification_scores(confusion(true, pred, k))
     assert ours["accuracy"] == pytest.approx(accuracy_score(true, pred))
     assert ours["macro_f1"] == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize(
+    "tags, spans",
+    [
+        (["B-PER"], [("PER", 0, 1)]),  # an entity at the end is closed
+        (["O", "B-PER", "I-PER"], [("PER", 1, 3)]),
+        (["I-PER", "I-LOC", "I-LOC"], [("PER", 0, 1), ("LOC", 1, 3)]),
+        (["B-NEW-TYPE", "I-NEW-TYPE"], [("NEW-TYPE", 0, 2)]),  # a type may contain a hyphen
+        (["B-PER", "O", "I-PER"], [("PER", 0, 1), ("PER", 2, 3)]),
+        (["B-PER", "E-PER", "I-PER"], [("PER", 0, 1), ("PER", 2, 3)]),  # not BIO: outside
+        (["O", "O", "B-X"], [("X", 2, 3)]),
+    ],
+)
+def test_bio_spans_edges(tags, spans):
+    assert bio_spans(tags) == spans
+
+
+def test_entity_counts_are_hits_predictions_and_truths():
+    true = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "B-PER"]]
+    assert entity_counts(true, pred) == (2, 3, 3)
+    assert entity_counts([], []) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        entity_counts([["O"]], [])
+
+
+def test_entity_scores_values_and_undefined_cases():
+    assert entity_scores(2, 4, 8) == {
+        "entity_precision": 0.5,
+        "entity_recall": 0.25,
+        "entity_f1": pytest.approx(2 * 0.5 * 0.25 / 0.75),
+    }
+    assert entity_scores(0, 0, 3) == {
+        "entity_precision": 0.0,
+        "entity_recall": 0.0,
+        "entity_f1": 0.0,
+    }
+    assert entity_scores(0, 3, 0) == {
+        "entity_precision": 0.0,
+        "entity_recall": 0.0,
+        "entity_f1": 0.0,
+    }
+    assert entity_scores(3, 3, 3)["entity_f1"] == 1.0
+
+
+def test_confusion_rows_are_truths_and_columns_predictions():
+    assert confusion([0, 0, 1, 2], [1, 0, 1, 1], 3) == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    assert confusion([], [], 2) == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError):
+        confusion([0], [0, 1], 2)
+
+
+def test_classification_scores_values():
+    # class 0: f1 = 2*1/(2+1); class 1: 2*1/(1+2); class 2: never true nor predicted
+    scores = classification_scores([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    # a class that is only predicted counts, with F1 0
+    only_predicted = classification_scores([[1, 1], [0, 0]])
+    assert only_predicted["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+    assert classification_scores([[0, 0], [0, 0]]) == {"accuracy": 0.0, "macro_f1": 0.0}
+    assert classification_scores([]) == {"accuracy": 0.0, "macro_f1": 0.0}
