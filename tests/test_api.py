@@ -165,14 +165,25 @@ def test_stream_pieces_join_to_the_batched_answer_and_respect_stop(engine):
     assert "".join(pieces) == whole.text[: whole.text.find(stop)] and finish["reason"] == "stop"
 
 
-def test_seeded_sampling_repeats_and_max_tokens_bounds_length(engine):
-    ids = engine.encode_prompt("5")
-    s = Sampling(max_tokens=6, temperature=1.0, top_p=0.9, seed=11)
-    a, b = engine.generate([("tiny", ids, s), ("tiny", ids, s)])
-    assert a.text == b.text
-    assert a.completion_tokens <= 6
-    greedy = engine.generate([("tiny", ids, Sampling(max_tokens=3))])[0]
-    assert greedy.completion_tokens <= 3 and greedy.finish_reason in ("stop", "length")
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+    """An Engine over a model that never ends a text by itself: every answer runs to its limit."""
+    from .conftest import endless_llama
+
+    return Engine([("endless", endless_llama(tmp_path_factory.mktemp("endless")))])
+
+
+def test_seeded_sampling_repeats_and_max_tokens_is_exact(endless):
+    ids = endless.encode_prompt("5")
+    s = Sampling(max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    a, b = endless.generate([("endless", ids, s), ("endless", ids, s)])
+    assert a.text == b.text  # the seed decides the sample
+    assert (a.completion_tokens, a.finish_reason) == (12, "length")
+    other = endless.generate([("endless", ids, Sampling(12, 1.0, 0.9, seed=12))])[0]
+    assert other.text != a.text  # ...and temperature is used: another seed, another answer
+    for n in (1, 3, 7):
+        greedy = endless.generate([("endless", ids, Sampling(max_tokens=n))])[0]
+        assert (greedy.completion_tokens, greedy.finish_reason) == (n, "length")
 
 
 @pytest.mark.parametrize(
