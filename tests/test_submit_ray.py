@@ -172,12 +172,10 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     # It trained inside the runtime_env raylm built: the pip package and the variable by name.
     from raylm.submit import jobs_client
 
-    os.environ.update(AUTH)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # restored after: other tests' Ray needs its own
+        for name, value in AUTH.items():
+            env.setenv(name, value)
         runtime_env = jobs_client(head).get_job_info(long_id).runtime_env
-    finally:
-        for name in AUTH:
-            os.environ.pop(name, None)
     assert "six" in json.dumps(runtime_env["pip"])
     assert runtime_env["env_vars"][CARRIED_ENV] == CARRIED
     stop = raylm_cli(job_dir, "jobs", "stop", long_id, "--address", head, timeout=120)
