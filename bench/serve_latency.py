@@ -11,7 +11,12 @@ against a baseline taken in the same run:
    from the end of the load until they are back at 1 (goal ≤ 10 s / ≤ 30 s with these delays:
    upscale_delay_s 1, downscale_delay_s 5, metrics_interval_s 0.5, look_back_period_s 2).
 
+4. tokens: generated tokens/s at 1, 4 and 16 concurrent clients, `max_batch_size: 16` vs 1, and
+   p50/p95 time to the first streamed token at 1 and 4 clients — the figures for a real model
+   (`--tokens-only --target` a SmolLM2 checkpoint skips 1–3).
+
     .venv/bin/python bench/serve_latency.py [--target DIR] [--out bench/results/serve_latency.json]
+    .venv/bin/python bench/serve_latency.py --tokens-only --target CHECKPOINT --out FILE
 """
 
 from __future__ import annotations
@@ -131,8 +136,9 @@ def load(
     stop: threading.Event | None = None,
     max_tokens: int = 16,
 ) -> dict:
-    """`clients` threads on keep-alive connections; returns completions, errors and wall time."""
-    done, errors = [0], []
+    """`clients` threads on keep-alive connections; returns completions, tokens, errors and wall
+    time."""
+    done, tokens, errors = [0], [0], []
     lock = threading.Lock()
 
     def worker(i: int) -> None:
@@ -144,9 +150,10 @@ def load(
             and not (stop and stop.is_set())
         ):
             try:
-                ask(conn, f"{i} {k} {i + k}", max_tokens)
+                answer = ask(conn, f"{i} {k} {i + k}", max_tokens)
                 with lock:
                     done[0] += 1
+                    tokens[0] += answer["usage"]["completion_tokens"]
             except Exception as exc:  # counted, not fatal: the bench reports failures
                 errors.append(repr(exc))
                 conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
@@ -159,7 +166,82 @@ def load(
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    return {"completions": done[0], "errors": len(errors), "wall_s": wall, "per_s": done[0] / wall}
+    return {
+        "completions": done[0],
+        "tokens": tokens[0],
+        "errors": len(errors),
+        "wall_s": wall,
+        "per_s": done[0] / wall,
+        "tokens_per_s": tokens[0] / wall,
+    }
+
+
+def first_token_s(prompt: str, max_tokens: int) -> float:
+    """Seconds from sending a streamed completion to its first text piece."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    body = json.dumps(
+        {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    )
+    t = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    for line in resp:
+        if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            first = time.perf_counter() - t
+            resp.read()
+            return first
+    raise RuntimeError("the stream ended without text")
+
+
+def ttft(clients: int, max_tokens: int) -> list[float]:
+    """Times to first token of streams sent by `clients` concurrent clients, sorted."""
+    times: list[float] = []
+    lock = threading.Lock()
+
+    def streams(i: int) -> None:
+        for k in range(max(2, 8 // clients)):
+            t = first_token_s(f"{i} {k}", max_tokens)
+            with lock:
+                times.append(t)
+
+    threads = [threading.Thread(target=streams, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sorted(times)
+
+
+def tokens(target: str, per_client: int, max_tokens: int) -> dict:
+    """Generated tokens/s by concurrency and batch size; time to first streamed token."""
+    out: dict = {"max_tokens": max_tokens}
+    for batch in (1, 16):
+        deploy(
+            target,
+            [
+                "serve.num_cpus=1",
+                f"serve.max_batch_size={batch}",
+                "serve.max_ongoing_requests=32",
+                f"serve.max_new_tokens={max_tokens}",
+            ],
+        )
+        load(2, None, 1, max_tokens=max_tokens)  # warm-up
+        for clients in (1, 4, 16):
+            out[f"batch_{batch}_clients_{clients}"] = load(
+                clients, None, max(1, per_client * 4 // clients), max_tokens=max_tokens
+            )
+        for clients in (1, 4):
+            times = ttft(clients, max_tokens)
+            out[f"batch_{batch}_ttft_clients_{clients}"] = {
+                "p50_s": statistics.median(times),
+                "p95_s": times[int(0.95 * (len(times) - 1))],
+            }
+    for clients in (1, 4, 16):
+        key = f"clients_{clients}"
+        out[f"ratio_{key}"] = (
+            out[f"batch_16_{key}"]["tokens_per_s"] / out[f"batch_1_{key}"]["tokens_per_s"]
+        )
+    return out
 
 
 def throughput(target: str, per_client: int, max_tokens: int) -> dict:
@@ -230,6 +312,23 @@ def scaling(target: str, max_replicas: int) -> dict:
     }
 
 
+def print_tokens(tok: dict) -> None:
+    print(f"{'clients':>7} {'batch 1 tok/s':>14} {'batch 16 tok/s':>15} {'ratio':>6}")
+    for clients in (1, 4, 16):
+        one, many = tok[f"batch_1_clients_{clients}"], tok[f"batch_16_clients_{clients}"]
+        print(
+            f"{clients:7} {one['tokens_per_s']:14.1f} {many['tokens_per_s']:15.1f} "
+            f"{tok[f'ratio_clients_{clients}']:6.2f}"
+        )
+    for batch in (1, 16):
+        for clients in (1, 4):
+            t = tok[f"batch_{batch}_ttft_clients_{clients}"]
+            print(
+                f"time to first token, batch {batch}, {clients} client(s): "
+                f"p50 {t['p50_s'] * 1e3:.0f} ms, p95 {t['p95_s'] * 1e3:.0f} ms"
+            )
+
+
 def main() -> None:
     import ray
 
@@ -241,6 +340,11 @@ def main() -> None:
         "--target", default=None, help="checkpoint or model dir (default: builtin tiny Llama)"
     )
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--tokens-only",
+        action="store_true",
+        help="only the tokens/s and time-to-first-token measurement (4.)",
+    )
     parser.add_argument("--per-client", type=int, default=12)
     parser.add_argument("--max-replicas", type=int, default=min(4, os.cpu_count() * 2))
     parser.add_argument(
@@ -249,6 +353,18 @@ def main() -> None:
     args = parser.parse_args()
     target = args.target or str(materialize_tiny_llama())
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    if args.tokens_only:
+        try:
+            result = {
+                "target": target,
+                "cpus": os.cpu_count(),
+                "tokens": tokens(target, args.per_client, 32),
+            }
+        finally:
+            shutdown()
+        print_tokens(result["tokens"])
+        write_result(args.out, result)
+        return
     try:
         wide = make_wide_model(os.path.join(tempfile.gettempdir(), "raylm-bench-wide-llama"))
         result = {

@@ -5,6 +5,7 @@ Prints the steady-state step-time ratio (median step, goal ≤ 1.03) and the tim
 first optimizer step for each (goal ≤ 20 s on 2 cores), and writes JSON.
 
     .venv/bin/python bench/train_overhead.py [--steps 300] [--out bench/results/train_overhead.json]
+    .venv/bin/python bench/train_overhead.py --model builtin:smollm2-135m-instruct --steps 30
 """
 
 from __future__ import annotations
@@ -25,12 +26,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
-def bench_job(tmp: str, steps: int) -> str:
-    """The quickstart job, one eval at the end, no progress reports in between."""
-    with open(os.path.join(REPO, "jobs", "quickstart.yaml")) as f:
+JOBS = {
+    "builtin:tiny-llama": "quickstart.yaml",
+    "builtin:smollm2-135m-instruct": "smollm2-chat.yaml",
+}
+
+
+def bench_job(tmp: str, steps: int, model: str = "builtin:tiny-llama") -> str:
+    """The model's shipped job (the quickstart for other models), one eval at the end, no
+    progress reports or generation in between."""
+    with open(os.path.join(REPO, "jobs", JOBS.get(model, "quickstart.yaml"))) as f:
         job = yaml.safe_load(f)
     job["name"] = "bench-overhead"
     job["storage_path"] = os.path.join(tmp, "runs")
+    job["model"]["name_or_path"] = model
+    for key in ("train", "eval"):  # the shipped jobs name their data from the repository root
+        source = job["data"].get(key)
+        if source and os.path.exists(os.path.join(REPO, source)):
+            job["data"][key] = os.path.join(REPO, source)
     job["training"].update(
         {
             "max_steps": steps,
@@ -40,6 +53,10 @@ def bench_job(tmp: str, steps: int) -> str:
             "eval_max_examples": 8,
         }
     )
+    if model != "builtin:tiny-llama":
+        job["training"]["eval_exact_match"] = False
+        job["checkpoint"].update({"metric": "eval_loss", "mode": "min"})
+        job.pop("serve", None)
     path = os.path.join(tmp, "job.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f)
@@ -106,6 +123,7 @@ def run_baseline(job: str, tmp: str, mode: str = "ddp") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--model", default="builtin:tiny-llama", help="model of the bench job")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -120,7 +138,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides
         tmp = tempfile.mkdtemp(prefix="raylm-bench-")
         try:
-            job = bench_job(tmp, args.steps)
+            job = bench_job(tmp, args.steps, args.model)
             bases.append(run_baseline(job, tmp))
             dss.append(run_baseline(job, tmp, "deepspeed"))
             raylms.append(run_raylm(job, tmp))
@@ -157,6 +175,7 @@ def main() -> None:
         print(f"  {part:45} {seconds:5.1f} s")
     print(f"(best of {args.repeats} interleaved runs each; all runs are in the JSON)")
     result = {
+        "model": args.model,
         "steps": args.steps,
         "repeats": args.repeats,
         "baseline_runs": bases,

@@ -9,6 +9,7 @@ what workers all-reduce, so scores over shards equal scores over the whole eval 
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 
@@ -71,3 +72,9 @@ def classification_scores(matrix: Sequence[Sequence[float]]) -> dict[str, float]
         "accuracy": hits / total if total else 0.0,
         "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
     }
+
+
+def normalized_answer(text: str) -> str:
+    """An answer compared loosely: lower case, runs of whitespace as one space, and whitespace
+    and punctuation at either end dropped (`" Paris."` and `"paris"` agree)."""
+    return " ".join(text.lower().split()).strip(string.punctuation + string.whitespace)

@@ -35,6 +35,7 @@ METRICS: dict[str, Metric] = {
         Metric("eval_loss", "min", ".4f", True, False),
         Metric("perplexity", "min", ".4g", False, False),
         Metric("exact_match", "max", ".3f", True, True),
+        Metric("exact_match_normalized", "max", ".3f", False, False),
         Metric("accuracy", "max", ".3f", True, True),
         Metric("macro_f1", "max", ".3f", True, True),
         Metric("entity_precision", "max", ".3f", False, False),
@@ -110,7 +111,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="causal_lm",
             formats=("instruction", "chat", "text"),
-            metrics=("loss", "eval_loss", "perplexity", "exact_match"),
+            metrics=("loss", "eval_loss", "perplexity", "exact_match", "exact_match_normalized"),
             auto_class="AutoModelForCausalLM",
             peft_task_type="CAUSAL_LM",
             labelled=False,

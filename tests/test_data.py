@@ -282,3 +282,41 @@ def test_shipped_datasets_are_what_the_generator_writes():
         assert not {str(r[key]) for r in train} & {str(r[key]) for r in evals}, (
             "eval rows leak into train"
         )
+
+
+def test_shipped_chat_set_is_what_the_generator_writes_and_holds_out_unseen_names():
+    import importlib.util
+
+    path = f"{REPO}/jobs/data/generate.py"
+    module_spec = importlib.util.spec_from_file_location("generate", path)
+    gen = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gen)
+    train, evals = gen.chat()
+    for split, rows in (("train", train), ("eval", evals)):
+        shipped = [json.loads(line) for line in open(f"{REPO}/jobs/data/chat/{split}.jsonl")]
+        assert shipped == rows, f"jobs/data/chat/{split}.jsonl differs from generate.py's output"
+    assert (len(train), len(evals)) == (600, 60)
+    for row in train + evals:  # system, user, then the exact answer to learn
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    answers = [r["messages"][2]["content"] for r in evals]
+    assert sum(a in ("positive", "negative") for a in answers) == 20
+    ner_answers = [a for a in answers if a.startswith("people: ")]
+    assert len(ner_answers) == 40 and any(not a.startswith("people: none") for a in ner_answers)
+
+    # No name in a held-out answer appears in any training answer.
+    def names(answer: str) -> set[str]:
+        return {
+            n.strip()
+            for part in answer.split("; ")
+            for n in part.split(": ", 1)[1].split(",")
+            if n.strip() != "none"
+        }
+
+    seen = set().union(
+        *(
+            names(r["messages"][2]["content"])
+            for r in train
+            if r["messages"][2]["content"].startswith("people: ")
+        )
+    )
+    assert not set().union(*map(names, ner_answers)) & seen

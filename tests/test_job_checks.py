@@ -260,7 +260,7 @@ def test_a_metric_of_another_task_names_that_task():
             ["checkpoint", "metric"],
             "accuracy",
             "is reported by sequence_classification jobs, not causal_lm; "
-            "one of ['eval_loss', 'exact_match', 'loss', 'perplexity']",
+            "one of ['eval_loss', 'exact_match', 'exact_match_normalized', 'loss', 'perplexity']",
         )
     ]
 
@@ -329,7 +329,7 @@ def test_a_serving_gate_on_a_metric_the_task_does_not_report():
             "serve.promote_if.accuracy",
             {"min": 0.5},
             "not reported by causal_lm jobs; one of "
-            "['eval_loss', 'exact_match', 'loss', 'perplexity']",
+            "['eval_loss', 'exact_match', 'exact_match_normalized', 'loss', 'perplexity']",
         )
     ]
     ok = spec(model={"task": "sequence_classification"}, **gate)
@@ -454,7 +454,7 @@ def test_the_sweep_metric_is_checked_against_the_task():
             "tune.metric",
             "accuracy",
             "is reported by sequence_classification jobs, not causal_lm; "
-            "one of ['eval_loss', 'exact_match', 'loss', 'perplexity']",
+            "one of ['eval_loss', 'exact_match', 'exact_match_normalized', 'loss', 'perplexity']",
         )
     ]
     assert paths(tune(metric="eval_loss", mode="max")) == ["tune.mode"]

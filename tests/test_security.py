@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from raylm.checkpoint import load_for_inference, seal
-from raylm.job import spec_from_dict
+from raylm.job import JobSpecError, spec_from_dict
 from raylm.models import build_model, materialize_tiny_llama
 
 from .conftest import REPO
@@ -122,9 +122,10 @@ def test_a_pickle_only_model_directory_is_never_unpickled(model_dir, tmp_path):
     (model_dir / "model.safetensors").unlink()
     # A protocol-0 pickle that, if anything loaded it, would run `touch MARKER`.
     (model_dir / "pytorch_model.bin").write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
-    spec = spec_from_dict({"model": {"name_or_path": str(model_dir)}})
-    with pytest.raises(OSError, match="safetensors"):
-        build_model(spec, str(model_dir))  # training loads it through from_pretrained
+    with pytest.raises(JobSpecError, match="model.name_or_path=.*pytorch_model.bin"):
+        spec_from_dict({"model": {"name_or_path": str(model_dir)}})  # a job naming it: exit 2
+    with pytest.raises(OSError, match="safetensors"):  # and were it reached, from_pretrained
+        build_model(spec_from_dict({}), str(model_dir))  # refuses it (use_safetensors=True)
     with pytest.raises(CheckpointError, match="pickle-format"):
         load_for_inference(model_dir)  # serving refuses it before from_pretrained
     assert not marker.exists()

@@ -7,6 +7,10 @@ what this script prints): run `python jobs/data/generate.py` from the repository
 - ner/{train,eval}.jsonl — CoNLL-2003-style sentences, `{"tokens", "tags"}` with BIO tags over
   PER, ORG, LOC and MISC. Some names and places appear only in eval, so eval measures context,
   not memorised names.
+- chat/{train,eval}.jsonl — the two sets above as chat (`{"messages"}`) for a chat LLM: list the
+  people, places and organisations of a sentence in an exact answer format, or name a review's
+  sentiment in one word. Every eval sentence names only people, places and organisations that
+  no training sentence names.
 """
 
 from __future__ import annotations
@@ -296,13 +300,82 @@ def ner(n_train: int = 400, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
+# -- chat ----------------------------------------------------------------------------------------
+SYSTEM = "You are a precise annotator. Answer in exactly the format asked, nothing else."
+NER_ASK = (
+    "List the people, places and organisations in this sentence as "
+    "`people: ...; places: ...; organisations: ...` (names separated by commas, `none` where "
+    "there are none).\nSentence: {text}"
+)
+SENTIMENT_ASK = "Is this movie review positive or negative? Answer with one word.\nReview: {text}"
+KINDS = (("people", "PER"), ("places", "LOC"), ("organisations", "ORG"))
+
+
+def entities(row: dict) -> dict[str, list[str]]:
+    """Each entity type's names in a BIO-tagged sentence, in order."""
+    out: dict[str, list[str]] = {kind: [] for _, kind in KINDS + (("misc", "MISC"),)}
+    for token, tag in zip(row["tokens"], row["tags"], strict=True):
+        if tag.startswith("B-"):
+            out[tag[2:]].append(token)
+        elif tag.startswith("I-"):
+            out[tag[2:]][-1] += " " + token
+    return out
+
+
+def _conversation(ask: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": ask},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def ner_chat(row: dict) -> dict:
+    """A NER sentence as a chat item with its exact expected answer."""
+    found = entities(row)
+    answer = "; ".join(f"{name}: {', '.join(found[kind]) or 'none'}" for name, kind in KINDS)
+    return _conversation(NER_ASK.format(text=" ".join(row["tokens"])), answer)
+
+
+def sentiment_chat(row: dict) -> dict:
+    return _conversation(SENTIMENT_ASK.format(text=row["text"]), row["label"])
+
+
+def chat(
+    n_train: int = 600, n_eval_ner: int = 40, n_eval_sentiment: int = 20
+) -> tuple[list[dict], list[dict]]:
+    """(train, eval) chat items, half NER half sentiment in train; eval NER items name no person,
+    place or organisation that any training item names."""
+    rng = random.Random(SEED + 2)
+    s_train, s_eval = sentiment()
+    n_train_rows, n_eval_rows = ner()
+    train = [ner_chat(r) for r in n_train_rows[: n_train // 2]]
+    train += [sentiment_chat(r) for r in s_train[: n_train // 2]]
+    rng.shuffle(train)
+    seen = {name for r in n_train_rows for _, kind in KINDS for name in entities(r)[kind]}
+    unseen = [
+        r for r in n_eval_rows if not {n for _, kind in KINDS for n in entities(r)[kind]} & seen
+    ]
+    ner_items = [ner_chat(r) for r in unseen[:n_eval_ner]]
+    sentiment_items = [sentiment_chat(r) for r in s_eval[:n_eval_sentiment]]
+    # Interleaved (two NER items, one review), so any first N items hold both tasks.
+    evals = []
+    for i, item in enumerate(ner_items):
+        evals.append(item)
+        if i % 2 == 1 and i // 2 < len(sentiment_items):
+            evals.append(sentiment_items[i // 2])
+    return train, evals + sentiment_items[len(ner_items) // 2 :]
+
+
 def write(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main() -> int:
-    for name, (train, evals) in (("sentiment", sentiment()), ("ner", ner())):
+    for name, (train, evals) in (("sentiment", sentiment()), ("ner", ner()), ("chat", chat())):
         write(train, HERE / name / "train.jsonl")
         write(evals, HERE / name / "eval.jsonl")
         print(f"{name}: {len(train)} train, {len(evals)} eval → {HERE / name}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.errors import CheckpointError, PathError
+from raylm.job.checks import PICKLE_SUFFIXES  # a checkpoint carrying one is refused
 from raylm.storage import file_sizes, is_uri, join, read_json
 
 META_FILE = "raylm.json"
@@ -38,8 +39,6 @@ STATE_DIR = "train_state"
 FORMAT = "raylm-checkpoint/1"
 CHECKSUMS = "checksums.json"
 RNG_FILE = "rng.safetensors"
-# Pickle-based formats: a checkpoint carrying one is refused rather than loaded.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def _sha256(path: Path) -> str:

@@ -114,12 +114,16 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 def cmd_warmup(args: argparse.Namespace) -> int:
     import time
 
-    from raylm.models import materialize_tiny_llama
+    from raylm import builtins
     from raylm.training.ds_config import warm_ops
 
     t0 = time.time()
     print(f"built DeepSpeed ops: {', '.join(warm_ops()) or 'none needed'}")
-    print(f"builtin model ready: {materialize_tiny_llama()}  ({time.time() - t0:.0f}s)")
+    for model in builtins.MODELS.values():
+        if model.missing_package():
+            print(f"builtin model skipped: {model.name} (not installed: {model.install})")
+            continue
+        print(f"builtin model ready: {model.name} → {model.path()}  ({time.time() - t0:.0f}s)")
     return EXIT_OK
 
 

@@ -4,6 +4,8 @@ so a job file is fixed in one pass. The section models call them from their vali
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,11 @@ if TYPE_CHECKING:
     from raylm.job.sections import JobSpec
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Pickle-based weight formats: raylm never loads them (checkpoints, exports, model dirs).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SEARCH_KINDS = ("loguniform", "uniform", "choice", "grid")
+# Metrics scored on generated answers: only there when `training.eval_exact_match` is on.
+GENERATED = ("exact_match", "exact_match_normalized")
 
 
 def cross_field_problems(spec: JobSpec) -> list[Problem]:
@@ -32,7 +38,7 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
     if spec.tune is not None:
         out += tune_problems(spec)
     out += builtin_model_problems(spec.model.name_or_path, spec.model.task)
-    return out
+    return out + model_source_problems(spec)
 
 
 def device_problems(spec: JobSpec) -> list[Problem]:
@@ -80,9 +86,14 @@ def lora_problems(spec: JobSpec) -> list[Problem]:
 def eval_problems(spec: JobSpec) -> list[Problem]:
     """No eval data, or checkpoints ranked by an exact match that is never computed."""
     out: list[Problem] = []
-    if spec.checkpoint.metric == "exact_match" and not spec.exact_match_enabled:
-        why = "exact_match is only computed when training.eval_exact_match is on"
-        out.append((["checkpoint", "metric"], "exact_match", why))
+    metric = spec.checkpoint.metric
+    if metric in GENERATED and not spec.exact_match_enabled:
+        why = f"{metric} is only computed when training.eval_exact_match is on"
+        out.append((["checkpoint", "metric"], metric, why))
+    for metric in spec.serve.promote_if if spec.serve else {}:
+        if metric in GENERATED and not spec.exact_match_enabled:
+            why = f"{metric} is only computed when training.eval_exact_match is on"
+            out.append((["serve", "promote_if", metric], spec.serve.promote_if[metric], why))
     if spec.data.eval is None and spec.data.eval_fraction == 0.0:
         why = "no eval data: set data.eval or eval_fraction > 0"
         out.append((["data", "eval_fraction"], 0.0, why))
@@ -181,8 +192,9 @@ def tune_problems(spec: JobSpec) -> list[Problem]:
     tune = spec.tune
     assert tune is not None
     out += metric_problems("tune", tune.metric, tune.mode, spec.model.task)
-    if tune.metric == "exact_match" and not spec.exact_match_enabled:
-        out.append((["tune", "metric"], "exact_match", "exact_match is not computed for this job"))
+    if tune.metric in GENERATED and not spec.exact_match_enabled:
+        why = f"{tune.metric} is not computed for this job"
+        out.append((["tune", "metric"], tune.metric, why))
     grids = [p for p, dist in tune.search.items() if "grid" in dist]
     if tune.search_alg == "optuna" and grids:
         out.append(
@@ -236,6 +248,69 @@ def data_source_problem(source: str | None) -> str | None:
     if looks_local and not Path(os.path.expanduser(source)).exists():
         return "file or directory not found"
     return None
+
+
+def chat_rows_problem(source: str | None, field: str) -> str | None:
+    """The first row of a local JSON Lines / JSON chat file with no assistant turn to learn
+    from (or no message list at all), or None. Other sources are checked when loaded."""
+    if source is None or not source.endswith((".jsonl", ".json")):
+        return None
+    path = Path(os.path.expanduser(source))
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if source.endswith(".jsonl")
+            else json.loads(text)
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"cannot be read as JSON: {exc}"
+    for i, row in enumerate(rows if isinstance(rows, list) else []):
+        messages = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(messages, list):
+            return f"row {i} has no {field!r} list"
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            return f"row {i} has no assistant turn to learn from"
+    return None
+
+
+def model_source_problems(spec: JobSpec) -> list[Problem]:
+    """A local model directory that is missing, carries pickle-format weights, holds only a
+    GGUF file while the `gguf` package is missing, or has no chat template for chat data."""
+    name = spec.model.name_or_path
+    if builtins.is_builtin(name) or not name.startswith(("/", "./", "../", "~")):
+        return []  # builtins are checked above; hub ids when they are downloaded
+    path = Path(os.path.expanduser(name))
+    where = ["model", "name_or_path"]
+    if not path.is_dir():
+        return [(where, name, "no such model directory")]
+    files = set(os.listdir(path))
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        return [(where, name, f"holds pickle-format files {pickles}; raylm loads safetensors only")]
+    gguf = sorted(f for f in files if f.endswith(".gguf"))
+    if gguf and "config.json" not in files:
+        if importlib.util.find_spec("gguf") is None:
+            return [(where, name, f"holds only {gguf[0]}: reading GGUF needs `pip install gguf`")]
+        return []
+    if "config.json" not in files:
+        return [(where, name, "is not a model directory (no config.json or .gguf file)")]
+    if spec.data.format == "chat" and not has_chat_template(path):
+        why = f"the model at {name} has no chat template for chat data (in tokenizer_config.json"
+        why += " or chat_template.jinja)"
+        return [(["data", "format"], "chat", why)]
+    return []
+
+
+def has_chat_template(directory: Path) -> bool:
+    """Whether a model directory's tokenizer carries a chat template."""
+    if (directory / "chat_template.jinja").exists() or (directory / "chat_template.json").exists():
+        return True
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))
 
 
 def search_problems(search: dict[str, dict[str, Any]]) -> list[Problem]:

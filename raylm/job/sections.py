@@ -10,7 +10,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from raylm.builtins import ARITHMETIC, TINY_LLAMA
 from raylm.errors import Problem, raise_problems
-from raylm.job.checks import cross_field_problems, data_source_problem, search_problems
+from raylm.job.checks import (
+    chat_rows_problem,
+    cross_field_problems,
+    data_source_problem,
+    search_problems,
+)
 from raylm.tasks import DEFAULT_TASK, FORMATS, METRICS, TASK_NAMES, TASKS
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
@@ -105,6 +110,8 @@ class DataSpec(Section):
             problems.append((["template"], self.template, "must contain {instruction}"))
         for field in ("train", "eval"):
             problem = data_source_problem(getattr(self, field))
+            if problem is None and self.format == "chat":
+                problem = chat_rows_problem(getattr(self, field), self.messages_field)
             if problem:
                 problems.append(([field], getattr(self, field), problem))
         raise_problems("DataSpec", problems)
@@ -164,8 +171,10 @@ class TrainingSpec(Section):
     )
     eval_exact_match: bool | None = Field(
         None,
-        description="Also score greedy generations by exact match (default: on for "
-        "builtin:arithmetic).",
+        description="Also score greedy generations against the reference answers: `exact_match` "
+        "and `exact_match_normalized` (case, spacing, end punctuation ignored); instruction "
+        "data (the output's first line) and chat data (the last assistant turn). Default: on "
+        "for builtin:arithmetic.",
     )
     eval_max_examples: int = Field(
         64, ge=1, description="Eval examples scored by generation (exact match)."
@@ -436,8 +445,8 @@ class JobSpec(Section):
 
     @property
     def exact_match_enabled(self) -> bool:
-        """Whether eval scores greedy generations by exact match (instruction data only)."""
-        if self.data.format != "instruction":
+        """Whether eval scores greedy generations by exact match (instruction and chat data)."""
+        if self.data.format not in ("instruction", "chat"):
             return False
         if self.training.eval_exact_match is not None:
             return self.training.eval_exact_match

@@ -170,44 +170,69 @@ def evaluate_lm(ctx: EvalContext) -> dict[str, float]:
         metrics["eval_loss"] = loss_sum / max(tokens, 1.0)
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         if ctx.spec.exact_match_enabled:
-            metrics["exact_match"] = _exact_match(ctx)
+            metrics.update(_exact_match(ctx))
     engine.train()
     return metrics
 
 
-def _exact_match(ctx: EvalContext) -> float:
-    from raylm.data import format_prompt
+def _answer_prompt(spec: JobSpec, tok: Any, row: dict[str, Any]) -> tuple[list[int], str]:
+    """(prompt ids, reference answer) of an eval row: an instruction row through the job's
+    template, a chat row up to its last assistant turn through the tokenizer's chat template —
+    the prompts serving builds for the same data (raylm.data.generation_prompt_ids)."""
+    from raylm.data import format_prompt, generation_prompt_ids
+
+    if spec.data.format == "chat":
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        ids = generation_prompt_ids(tok, "chat", None, messages[:last])
+        return list(ids), str(messages[last]["content"])
+    return list(tok(format_prompt(spec.data.template, row))["input_ids"]), str(row["output"])
+
+
+def _exact_match(ctx: EvalContext) -> dict[str, float]:
+    """Greedy answers to the first `eval_max_examples` eval rows against their references:
+    `exact_match` (whitespace-trimmed; an instruction answer's first line) and
+    `exact_match_normalized` (case, spacing and surrounding punctuation ignored). Generation
+    ends at the tokenizer's end-of-text token, the end of an assistant turn in a chat template."""
+    import torch
+
+    from raylm.metrics import normalized_answer
 
     engine, tok, spec = ctx.engine, ctx.tok, ctx.spec
     rows = [e.row for e in ctx.evals[: spec.training.eval_max_examples]]
     shard = _even_shard(rows, ctx.rank, ctx.world)
-    hits = count = 0.0
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the right edge
-    try:
-        for i in range(0, len(shard), spec.training.micro_batch_size):
-            chunk = shard[i : i + spec.training.micro_batch_size]
-            enc = tok(
-                [format_prompt(spec.data.template, r) for r, _ in chunk],
-                return_tensors="pt",
-                padding=True,
-            )
-            out = engine.module.generate(
-                **enc,
-                max_new_tokens=spec.training.eval_max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                synced_gpus=spec.deepspeed.zero_stage == 3,
-            )
-            for (row, real), ids in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
-                if real:
-                    text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
-                    hits += text == str(row["output"]).strip()
-                    count += 1
-    finally:
-        tok.padding_side = side
-    hits, count = all_reduce_sum([hits, count])
-    return hits / max(count, 1.0)
+    hits = loose = count = 0.0
+    for i in range(0, len(shard), spec.training.micro_batch_size):
+        chunk = shard[i : i + spec.training.micro_batch_size]
+        prompts = [_answer_prompt(spec, tok, row) for row, _ in chunk]
+        width = max(len(ids) for ids, _ in prompts)
+        pad = tok.pad_token_id
+        # Left-padded: generation continues from the right edge of every row.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in prompts])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts])
+        out = engine.module.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=spec.training.eval_max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            synced_gpus=spec.deepspeed.zero_stage == 3,
+        )
+        for (_, real), (_, want), ids in zip(chunk, prompts, out[:, width:], strict=True):
+            if not real:
+                continue
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            if spec.data.format != "chat":
+                text = text.split("\n")[0].strip()
+            hits += text == want.strip()
+            loose += normalized_answer(text) == normalized_answer(want)
+            count += 1
+    hits, loose, count = all_reduce_sum([hits, loose, count])
+    return {
+        "exact_match": hits / max(count, 1.0),
+        "exact_match_normalized": loose / max(count, 1.0),
+    }
 
 
 def probe(ctx: EvalContext) -> tuple[Any, Any]:
