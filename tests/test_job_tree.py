@@ -20,6 +20,7 @@ def test_a_dict_replaces_a_plain_value_and_a_plain_value_replaces_a_dict():
     assert deep_merge({"a": 1}, {"a": {"x": 1}}) == {"a": {"x": 1}}
     assert deep_merge({"a": {"x": 1}}, {"a": 2}) == {"a": 2}
     assert deep_merge({"a": {"x": 1}}, {"a": None}) == {"a": None}
+    assert deep_merge({"a": {"x": 1}, "b": 2}, {"a": {}}) == {"a": {}, "b": 2}  # {} empties
 
 
 def test_merge_with_nothing_is_an_equal_copy():

@@ -72,6 +72,9 @@ def sweep(ray_cluster, tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
         cwd=REPO,
+        # Tune saves its experiment state every few seconds by default: a short trial can start
+        # and finish between two saves, and the kill below needs to see it mid-run.
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"},
     )
     deadline = time.time() + 400
 
@@ -92,7 +95,8 @@ def sweep(ray_cluster, tmp_path_factory):
             assert time.time() < deadline, f"no finished and interrupted trial in time: {state}"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = tune_state(root)
     resumed = subprocess.run(

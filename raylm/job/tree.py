@@ -8,11 +8,12 @@ from typing import Any
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `base` with `extra` merged in: dicts merge key by key, anything else replaces.
-    Neither argument is changed, and the result shares no mutable value with them."""
+    """A copy of `base` with `extra` merged in: dicts merge key by key, anything else replaces,
+    and an empty dict empties (so `serve.promote_if={}` clears a job's gate). Neither argument is
+    changed, and the result shares no mutable value with them."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
