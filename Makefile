@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 LINTED := raylm tests bench jobs
 
-.PHONY: install demo test lint mutate clean
+.PHONY: install demo demo-smollm2 test lint mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/raylm run jobs/quickstart.yaml --serve-for 0
+
+demo-smollm2: install
+	$(BIN)/raylm run jobs/smollm2-chat.yaml --serve-for 0
 
 test: install lint
 	$(BIN)/pytest
