@@ -50,6 +50,7 @@ class ServePlan:
     sample: str = "Hello!"
     notes: list[str] = field(default_factory=list)
     task: str = "causal_lm"
+    sample_system: str | None = None  # a chat job's system turn, sent before `sample`
 
 
 def _is_lora(path: str) -> bool:
@@ -117,10 +118,27 @@ def _finish(
         )
     task = tasks.pop()
     meta = inference_metadata(models[0][1])
-    sample = TASKS[task].sample
-    if meta.get("spec", {}).get("data", {}).get("train") == ARITHMETIC:
+    sample, system = TASKS[task].sample, None
+    data = meta.get("spec", {}).get("data", {})
+    if data.get("train") == ARITHMETIC:
         sample = ARITHMETIC_SAMPLE
-    return ServePlan(models, serve_spec, sample, notes, task)
+    elif data.get("format") == "chat":
+        sample, system = held_out_chat_sample(data.get("eval"), sample)
+    return ServePlan(models, serve_spec, sample, notes, task, system)
+
+
+def held_out_chat_sample(eval_path: str | None, default: str) -> tuple[str, str | None]:
+    """A chat job's first held-out question (and its system turn) as the sample `raylm run` asks,
+    so the answer shows what was learned; `default` where the eval file is not here (a job
+    trained elsewhere) or has no such row."""
+    try:
+        with open(str(eval_path)) as f:
+            messages = json.loads(f.readline())["messages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default, None
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    systems = [m["content"] for m in messages if m.get("role") == "system"]
+    return (users[0], systems[0] if systems else None) if users else (default, None)
 
 
 def plan_for_job(spec: JobSpec, adapters: Sequence[str] = (), name: str | None = None) -> ServePlan:
@@ -225,7 +243,12 @@ def start(plan: ServePlan, wait_s: float = 60.0) -> str:
 
 
 def _sample_body(plan: ServePlan) -> str:
-    return json.dumps(TASKS[plan.task].sample_request(plan.models[0][0], plan.sample))
+    body = TASKS[plan.task].sample_request(plan.models[0][0], plan.sample)
+    if plan.sample_system and "messages" in body:
+        body["messages"].insert(0, {"role": "system", "content": plan.sample_system})
+    if "max_tokens" in body:  # room for a whole answer, within what the server allows
+        body["max_tokens"] = min(48, plan.spec.max_new_tokens)
+    return json.dumps(body)
 
 
 def curl_line(plan: ServePlan, url: str) -> str:
