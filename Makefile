@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 LINTED := raylm tests bench jobs
 
-.PHONY: install demo demo-smollm2 test lint mutate clean
+.PHONY: install demo quickstart test lint mutate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo: a real chat LLM (SmolLM2-135M-Instruct) fine-tuned, gated and served (~7.5 min).
 demo: install
-	$(BIN)/raylm run jobs/quickstart.yaml --serve-for 0
-
-demo-smollm2: install
 	$(BIN)/raylm run jobs/smollm2-chat.yaml --serve-for 0
+
+# The same path on a 2-layer toy in about a minute.
+quickstart: install
+	$(BIN)/raylm run jobs/quickstart.yaml --serve-for 0
 
 test: install lint
 	$(BIN)/pytest
