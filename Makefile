@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The demo: a real chat LLM (SmolLM2-135M-Instruct) fine-tuned, gated and served (~7.5 min).
+# The demo: a real chat LLM (SmolLM2-135M-Instruct) fine-tuned, gated and served (~7.5 min; ~11.5 with a fresh install).
 demo: install
 	$(BIN)/raylm run jobs/smollm2-chat.yaml --serve-for 0
 
