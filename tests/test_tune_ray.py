@@ -79,11 +79,12 @@ def sweep(ray_cluster, tmp_path_factory):
     deadline = time.time() + 400
 
     def interrupted(state: dict) -> dict:
-        """Trials running with a checkpoint (an eval reported) and steps still to go."""
+        """Trials running with a checkpoint (an eval reported) and two evals still to go: Tune's
+        state lags the trial, so one seen at step 40 may have finished before the kill lands."""
         return {
             tid: t
             for tid, t in state.items()
-            if t["status"] == "RUNNING" and 20 <= (t["step"] or 0) < 60
+            if t["status"] == "RUNNING" and 20 <= (t["step"] or 0) < 40
         }
 
     try:
@@ -98,6 +99,7 @@ def sweep(ray_cluster, tmp_path_factory):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    killed_at = time.time()
     before = tune_state(root)
     resumed = subprocess.run(
         [
@@ -123,6 +125,7 @@ def sweep(ray_cluster, tmp_path_factory):
     return {
         "spec": spec,
         "interrupted": interrupted(before),
+        "killed_at": killed_at,
         "before": before,
         "after": after,
         "result": result,
@@ -163,14 +166,22 @@ def trial_checkpoints(root: str) -> list[tuple[str, dict]]:
 def test_interrupted_trials_resume_from_their_own_checkpoints(sweep):
     root = sweep_dir(sweep["spec"])
     assert sweep["interrupted"], sweep["before"]
+    resumed = 0
     for tid, seen in sweep["interrupted"].items():
         metas = [m for t, m in trial_checkpoints(root) if t == tid]
-        last = max(metas, key=lambda m: m["step"])
+        last = max(metas, key=lambda m: (m["step"], m["created_unix"]))  # the newest
         assert last["step"] == 60, (tid, last["step"])
+        if last["created_unix"] < sweep["killed_at"]:
+            # It finished in the moment between Tune's last saved state and the kill: the
+            # resume must not have trained it again.
+            assert not [m for m in metas if m["created_unix"] >= sweep["killed_at"]], tid
+            continue
         # It continued from a checkpoint at or after the step it had reached, not from 0.
         assert len(last["resumes"]) == 1 and last["resumes"][0] >= seen["step"], (tid, last)
         steps = [h["step"] for h in last["history"]]
         assert steps == sorted(set(steps)), steps  # no step counted twice
+        resumed += 1
+    assert resumed, sweep["interrupted"]  # at least one was really cut off mid-run
 
 
 def test_asha_stops_trials_with_bad_learning_rates_early(sweep):

@@ -118,11 +118,14 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from raylm.training.ds_config import warm_ops
 
     t0 = time.time()
-    print(f"built DeepSpeed ops: {', '.join(warm_ops()) or 'none needed'}")
+    print(
+        f"built DeepSpeed ops: {', '.join(warm_ops()) or 'none needed'}  ({time.time() - t0:.0f}s)"
+    )
     for model in builtins.MODELS.values():
         if model.missing_package():
             print(f"builtin model skipped: {model.name} (not installed: {model.install})")
             continue
+        t0 = time.time()  # each model's own time, not the running total
         print(f"builtin model ready: {model.name} → {model.path()}  ({time.time() - t0:.0f}s)")
     return EXIT_OK
 

@@ -116,6 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The driver's settings for workers (DeepSpeed's accelerator, raylm's cache), before any
     # import reads them.
     os.environ.update(config.get("env", {}))
+    quiet_ray_train_reports()
     worker, model = setup(config)
     # One local copy of the checkpoint serves the weights (before DeepSpeed partitions them)
     # and the optimizer state (after): on cloud storage that is one download, not two.
@@ -123,6 +124,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress = restore(worker, model, ckpt_dir)
     begin(worker, progress)
     train(worker, progress)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` call at INFO, each a full repr of metrics and checkpoint;
+    raylm prints its own one-line step progress, so those go to WARNING."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    # Ray names this logger by the module's file path, not its dotted name.
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def setup(config: dict[str, Any]) -> tuple[Worker, Any]:
