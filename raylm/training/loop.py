@@ -127,14 +127,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def quiet_ray_train_reports() -> None:
-    """Ray Train logs every `report` call at INFO, each a full repr of metrics and checkpoint;
-    raylm prints its own one-line step progress, so those go to WARNING."""
+    """Ray Train logs every `report` call and every checkpoint upload at INFO, each a full repr;
+    raylm prints its own one-line step progress ("checkpoint saved"), so those go to WARNING."""
     import logging
 
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, storage
 
-    # Ray names this logger by the module's file path, not its dotted name.
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # Ray names the report logger by the module's file path, not its dotted name.
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def setup(config: dict[str, Any]) -> tuple[Worker, Any]:
