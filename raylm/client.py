@@ -75,15 +75,23 @@ class Client:
                 time.sleep(min(max(wait, 0.0), MAX_RETRY_WAIT_S))
         raise AssertionError("unreachable")
 
-    def completion(self, prompt: str, model: str | None = None, **params: Any) -> dict[str, Any]:
-        """POST /v1/completions; returns the response body."""
+    def completion(
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]] | None,
+        model: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """POST /v1/completions; returns the response body. `params` are OpenAI's (n, logprobs,
+        echo, best_of, logit_bias, ...; README "OpenAI parameters"). For streams, use the
+        `openai` package."""
         body = {"prompt": prompt, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/completions", body)
 
     def chat(
-        self, messages: list[dict[str, str]], model: str | None = None, **params: Any
+        self, messages: list[dict[str, Any]], model: str | None = None, **params: Any
     ) -> dict[str, Any]:
-        """POST /v1/chat/completions; returns the response body."""
+        """POST /v1/chat/completions; returns the response body. `params` as for
+        `completion` (response_format, logprobs, top_logprobs, ...)."""
         body = {"messages": messages, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/chat/completions", body)
 

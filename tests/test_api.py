@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 
 from raylm.serving.engine import Engine, Sampling, cut_at_stop
 from raylm.serving.openai_api import (
     APIError,
+    chunk,
+    parse_body,
+)
+from raylm.serving.openai_requests import (
     ChatRequest,
     CompletionRequest,
     LabelRequest,
-    chunk,
-    parse_body,
 )
 
 JSON = "application/json"
@@ -32,20 +35,48 @@ JSON = "application/json"
         (b'["prompt"]', JSON, 400, None),
         (b'{"prompt": "hi"}', "text/plain", 415, None),
         (b'{"prompt": "hi"}', None, 415, None),
-        (b'{"prompt": ""}', JSON, 400, "prompt"),
         (b'{"prompt": 12}', JSON, 400, "prompt"),
-        (b'{"prompt": "a\\u0000b"}', JSON, 400, "prompt"),
+        (b'{"prompt": [[]]}', JSON, 400, "prompt"),
+        (b'{"prompt": [1, "a"]}', JSON, 400, "prompt"),
+        (b'{"prompt": "a\\ud800b"}', JSON, 400, "prompt"),
         (b'{"prompt": "hi", "max_tokens": "5"}', JSON, 400, "max_tokens"),
-        (b'{"prompt": "hi", "max_tokens": 0}', JSON, 400, "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": -1}', JSON, 400, "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": 1.5}', JSON, 400, "max_tokens"),
         (b'{"prompt": "hi", "max_tokens": true}', JSON, 400, "max_tokens"),
         (b'{"prompt": "hi", "temperature": 2.5}', JSON, 400, "temperature"),
-        (b'{"prompt": "hi", "top_p": 0}', JSON, 400, "top_p"),
+        (b'{"prompt": "hi", "top_p": -0.1}', JSON, 400, "top_p"),
         (b'{"prompt": "hi", "stop": ["a","b","c","d","e"]}', JSON, 400, "stop"),
-        (b'{"prompt": "hi", "stop": [""]}', JSON, 400, "stop"),
-        (b'{"prompt": "hi", "seed": -1}', JSON, 400, "seed"),
-        (b'{"prompt": "hi", "n": 2}', JSON, 400, "n"),
+        (b'{"prompt": "hi", "seed": 9223372036854776001}', JSON, 400, "seed"),
+        (b'{"prompt": "hi", "seed": "5"}', JSON, 400, "seed"),
+        (b'{"prompt": "hi", "n": 0}', JSON, 400, "n"),
+        (b'{"prompt": "hi", "n": 129}', JSON, 400, "n"),
         (b'{"prompt": "hi", "stream": "yes"}', JSON, 400, "stream"),
-        (b'{"prompt": "hi", "logprobs": 3}', JSON, 400, "logprobs"),
+        (b'{"prompt": "hi", "logprobs": 6}', JSON, 400, "logprobs"),
+        (b'{"prompt": "hi", "logprobs": true}', JSON, 400, "logprobs"),
+        (b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
+        (b'{"prompt": "hi", "suffix": "x"}', JSON, 400, None),
+        (b'{"prompt": "hi", "best_of": 2, "n": 3}', JSON, 400, None),
+        (b'{"prompt": "hi", "best_of": 3, "stream": true}', JSON, 400, None),
+        (
+            b'{"prompt": "hi", "stream_options": {"include_usage": 1}}',
+            JSON,
+            400,
+            "stream_options.include_usage",
+        ),
+        (b'{"prompt": "hi", "stream_options": {"extra": true}}', JSON, 400, "stream_options.extra"),
+        (b'{"prompt": "hi", "presence_penalty": 2.5}', JSON, 400, "presence_penalty"),
+        (b'{"prompt": "hi", "frequency_penalty": -3}', JSON, 400, "frequency_penalty"),
+        (b'{"prompt": "hi", "logit_bias": {"abc": 1}}', JSON, 400, "logit_bias"),
+        (b'{"prompt": "hi", "logit_bias": {"5": 101}}', JSON, 400, "logit_bias"),
+        (b'{"prompt": "hi", "logit_bias": {"5": 1.5}}', JSON, 400, "logit_bias.5"),
+        (b'{"prompt": "hi", "logit_bias": [5]}', JSON, 400, "logit_bias"),
+        (b'{"prompt": "hi", "top_k": -2}', JSON, 400, "top_k"),
+        (b'{"prompt": "hi", "min_p": 1.5}', JSON, 400, "min_p"),
+        (b'{"prompt": "hi", "repetition_penalty": 0}', JSON, 400, "repetition_penalty"),
+        (b'{"prompt": "hi", "min_tokens": -1}', JSON, 400, "min_tokens"),
+        (b'{"prompt": "hi", "min_tokens": 5, "max_tokens": 2}', JSON, 400, None),
+        (b'{"prompt": "hi", "ignore_eos": "yes"}', JSON, 400, "ignore_eos"),
+        (b'{"prompt": "hi", "skip_special_tokens": 0}', JSON, 400, "skip_special_tokens"),
     ],
 )
 def test_bad_completion_bodies_are_400s_naming_the_field(raw, ctype, status, param):
@@ -65,8 +96,14 @@ def test_bad_completion_bodies_are_400s_naming_the_field(raw, ctype, status, par
         [],
         [{"role": "user"}],
         [{"role": "robot", "content": "x"}],
-        [{"role": "system", "content": "x"}],
+        [{"role": "tool", "content": "x", "tool_call_id": "t"}],
         [{"role": "user", "content": "x", "extra": 1}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": []}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "user", "content": "x", "tool_calls": []}],
         "hello",
     ],
 )
@@ -93,19 +130,14 @@ def test_good_request_parses_with_openai_defaults():
     )
 
 
-def test_chat_accepts_max_completion_tokens_but_not_both_limits():
+def test_chat_max_completion_tokens_replaces_max_tokens():
     msgs = [{"role": "user", "content": "hi"}]
     req = parse_body(
         json.dumps({"messages": msgs, "max_completion_tokens": 5}).encode(), JSON, ChatRequest
     )
     assert req.max_tokens == 5
-    with pytest.raises(APIError) as info:
-        parse_body(
-            json.dumps({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}).encode(),
-            JSON,
-            ChatRequest,
-        )
-    assert info.value.status == 400 and "not both" in info.value.message
+    both = {"messages": msgs, "max_tokens": 9, "max_completion_tokens": 3}
+    assert parse_body(json.dumps(both).encode(), JSON, ChatRequest).max_tokens == 3
 
 
 def test_stop_cut_and_chunk_shape():
@@ -224,16 +256,22 @@ import re  # noqa: E402
 import time  # noqa: E402
 
 from raylm.serving.openai_api import (  # noqa: E402
-    MAX_INPUTS,
-    MAX_STOP,
-    Message,
     chat_body,
+    chat_choice,
     classify_body,
     completion_body,
     ner_body,
     new_id,
     sse,
+    text_choice,
     usage,
+    usage_chunk,
+)
+from raylm.serving.openai_requests import (  # noqa: E402
+    MAX_INPUTS,
+    MAX_STOP,
+    UNSUPPORTED,
+    Message,
 )
 
 
@@ -321,37 +359,46 @@ def test_a_validation_error_names_its_field_value_and_how_many_more():
     one = _refusal({"prompt": "hi", "temperature": 3})
     assert (one.status, one.code, one.param) == (400, "invalid_value", "temperature")
     assert one.message.startswith("temperature=3: ")
-    three = _refusal({"prompt": "", "temperature": 3, "top_p": 0})
+    three = _refusal({"prompt": 5, "temperature": 3, "top_p": -1})
     assert three.param == "temperature"  # the first in field order
     assert three.message.startswith("temperature=3: ") and three.message.endswith(" (and 2 more)")
-    two = _refusal({"prompt": "hi", "temperature": 3, "top_p": 0})
+    two = _refusal({"prompt": "hi", "temperature": 3, "top_p": -1})
     assert two.message.endswith(" (and 1 more)")
     assert "more)" not in one.message
 
 
 def test_a_long_bad_value_is_cut_to_60_characters():
-    err = _refusal({"prompt": "\x00" + "b" * 200})
+    err = _refusal({"prompt": "\ud800" + "b" * 200})
     value = err.message.removeprefix("prompt=").split(": ")[0]
     assert len(value) == 60 and value.endswith("...")
 
 
 def test_a_whole_body_problem_has_no_param():
-    msgs = [{"role": "user", "content": "hi"}]
-    err = _refusal({"messages": msgs, "max_tokens": 5, "max_completion_tokens": 5}, ChatRequest)
+    err = _refusal({"prompt": "x", "best_of": 1, "n": 2})
     assert (err.status, err.code, err.param) == (400, "invalid_value", None)
-    assert err.message.endswith("give max_tokens or max_completion_tokens, not both")
+    assert err.message.endswith("best_of (1) must be at least n (2)")
 
 
 @pytest.mark.parametrize("char", ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\x7f"])
-def test_control_characters_are_refused_in_every_text(char):
-    err = _refusal({"prompt": f"a{char}b"})
-    assert err.param == "prompt" and err.message.endswith(": prompt contains control characters")
+def test_control_characters_reach_the_model_but_not_the_label_routes(char):
+    # OpenAI takes any string in a prompt or message; raylm's own label routes stay strict.
+    assert parse_body(json.dumps({"prompt": f"a{char}b"}).encode(), JSON, CompletionRequest)
     msgs = [{"role": "user", "content": f"a{char}b"}]
-    err = _refusal({"messages": msgs}, ChatRequest)
-    assert err.param == "messages.0.content"
-    assert err.message.endswith(": content contains control characters")
+    assert parse_body(json.dumps({"messages": msgs}).encode(), JSON, ChatRequest)
     err = _refusal({"input": ["ok", f"a{char}b"]}, LabelRequest)
     assert err.param == "input" and err.message.endswith(": input contains control characters")
+
+
+@pytest.mark.parametrize("field", ["prompt", "content", "stop"])
+def test_lone_surrogates_are_refused_wherever_text_goes_to_the_tokenizer(field):
+    bad = "a\ud800b"
+    body = {
+        "prompt": {"prompt": bad},
+        "content": {"messages": [{"role": "user", "content": bad}]},
+        "stop": {"prompt": "x", "stop": [bad]},
+    }[field]
+    err = _refusal(body, ChatRequest if field == "content" else CompletionRequest)
+    assert err.status == 400 and "lone surrogate" in err.message
 
 
 @pytest.mark.parametrize("char", ["\t", "\n", "\r", " ", "é", "\x80"])
@@ -375,10 +422,8 @@ def test_stop_takes_one_string_or_up_to_four():
     assert stops([]).stops() == ()
     too_many = _refusal({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]})
     assert too_many.param == "stop" and too_many.message.endswith(": at most 4 stop sequences")
-    empty = _refusal({"prompt": "hi", "stop": ["a", ""]})
-    assert empty.param == "stop"
-    assert empty.message.endswith(": stop sequences must be non-empty")
-    assert _refusal({"prompt": "hi", "stop": ""}).param == "stop"
+    # An empty stop string would stop nothing: OpenAI accepts and ignores it.
+    assert stops(["a", ""]).stops() == ("a",) and stops("").stops() == ()
 
 
 def test_chat_limit_names():
@@ -390,33 +435,57 @@ def test_chat_limit_names():
 
 
 @pytest.mark.parametrize(
-    "messages, ok",
+    "messages",
     [
-        ([{"role": "user", "content": "hi"}], True),
-        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], True),
-        ([{"role": "user", "content": ""}, {"role": "user", "content": "hi"}], True),
-        ([{"role": "user", "content": ""}], False),
-        ([{"role": "assistant", "content": "hi"}], False),
-        ([{"role": "system", "content": "hi"}, {"role": "assistant", "content": "x"}], False),
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": ""}],
+        [{"role": "system", "content": "hi"}],
+        [{"role": "developer", "content": "hi"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}],
+        [{"role": "assistant", "content": None, "refusal": "no"}],
     ],
 )
-def test_chat_needs_a_non_empty_user_message(messages, ok):
+def test_any_conversation_of_text_turns_is_accepted(messages):
+    # OpenAI answers a system prompt alone, an assistant prefill or an empty user turn.
     raw = json.dumps({"messages": messages}).encode()
-    if ok:
-        assert [m.role for m in parse_body(raw, JSON, ChatRequest).messages] == [
-            m["role"] for m in messages
-        ]
-    else:
-        err = _refusal(raw, ChatRequest)
-        assert err.param == "messages"
-        assert err.message.endswith(": needs at least one non-empty user message")
+    turns = parse_body(raw, JSON, ChatRequest).turns()
+    assert [t["role"] for t in turns] == [
+        "system" if m["role"] == "developer" else m["role"] for m in messages
+    ]
+
+
+def test_content_parts_are_joined_text_and_developer_is_system():
+    msgs = [
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}],
+        },
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None, "refusal": "I can't"},
+    ]
+    req = parse_body(json.dumps({"messages": msgs}).encode(), JSON, ChatRequest)
+    assert req.turns() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "I can't"},
+    ]
+    err = _refusal(
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        ChatRequest,
+    )
+    assert err.param == "messages.0.content"
+    assert err.message.endswith("content part type 'input_audio' is not supported; only 'text'")
 
 
 def test_message_fields():
     m = Message(role="user", content="hi", name="ann")
     assert (m.role, m.content, m.name) == ("user", "hi", "ann")
+    # `name` is accepted whatever its length (OpenAI's schema sets none) and not templated.
     msgs = [{"role": "user", "content": "hi", "name": "n" * 65}]
-    assert _refusal({"messages": msgs}, ChatRequest).param == "messages.0.name"
+    assert parse_body(json.dumps({"messages": msgs}).encode(), JSON, ChatRequest).turns() == [
+        {"role": "user", "content": "hi"}
+    ]
 
 
 def test_label_input_limits():
@@ -453,7 +522,7 @@ def _check_envelope(body, prefix, obj, model):
 
 
 def test_completion_body():
-    body = completion_body("m", "42", "length", 5, 2)
+    body = completion_body("m", [text_choice(0, "42", "length")], 5, 2)
     _check_envelope(body, "cmpl", "text_completion", "m")
     assert body["choices"] == [
         {"index": 0, "text": "42", "logprobs": None, "finish_reason": "length"}
@@ -463,12 +532,12 @@ def test_completion_body():
 
 
 def test_chat_body():
-    body = chat_body("m", "hello", "stop", 4, 1)
+    body = chat_body("m", [chat_choice(0, "hello", "stop")], 4, 1)
     _check_envelope(body, "chatcmpl", "chat.completion", "m")
     assert body["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "hello"},
+            "message": {"role": "assistant", "content": "hello", "refusal": None},
             "logprobs": None,
             "finish_reason": "stop",
         }
@@ -520,3 +589,308 @@ def test_stream_chunks():
         "model": "m",
         "choices": [{"index": 0, "text": "4", "logprobs": None, "finish_reason": "stop"}],
     }
+
+
+# -- what OpenAI's schema calls valid (issue 21) and the fields real clients add (issue 16) -------
+
+
+def _ok(body: dict, model: type = CompletionRequest):
+    return parse_body(json.dumps(body).encode(), JSON, model)
+
+
+def test_null_means_the_default_for_every_optional_field():
+    nulls = {
+        k: None
+        for k in (
+            "stream",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "seed",
+            "stream_options",
+            "max_tokens",
+            "logit_bias",
+            "presence_penalty",
+            "user",
+            "model",
+        )
+    }
+    comp = _ok({"prompt": None, "logprobs": None, "echo": None, **nulls})
+    chat = _ok(
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": None, **nulls}, ChatRequest
+    )
+    for req in (comp, chat):
+        assert (req.stream, req.temperature, req.top_p, req.n, req.stops(), req.seed) == (
+            False,
+            1.0,
+            1.0,
+            1,
+            (),
+            None,
+        )
+        assert (req.max_tokens, req.logit_bias, req.include_usage()) == (None, None, False)
+    assert comp.prompts() == [""] and comp.logprobs is None and chat.logprobs is False
+    assert (
+        _refusal({"messages": None}, ChatRequest).message == "messages: required field is missing"
+    )
+    # null is the default of a field raylm knows; an unknown field is refused, null or not
+    assert _refusal({"prompt": "x", "sufix": None}).param == "sufix"
+    assert _refusal({"prompt": "x", "stream_options": {"usage": None}}).param == (
+        "stream_options.usage"
+    )
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "seed", "n", "top_k", "min_tokens"])
+def test_whole_floats_are_integers_and_fractions_are_not(field):
+    assert getattr(_ok({"prompt": "x", field: 3.0}), field) == 3
+    assert isinstance(getattr(_ok({"prompt": "x", field: 3.0}), field), int)
+    assert _refusal({"prompt": "x", field: 3.5}).param == field
+    assert _refusal({"prompt": "x", field: "3"}).param == field
+    assert _refusal({"prompt": "x", field: True}).param == field
+
+
+def test_edge_values_openai_accepts():
+    assert _ok({"prompt": "x", "top_p": 0}).greedy()
+    assert _ok({"prompt": "x", "temperature": 0}).greedy()
+    assert not _ok({"prompt": "x", "temperature": 0.7}).greedy()
+    assert _ok({"prompt": "x", "temperature": 2.2e-311}).greedy()  # logits / t would overflow
+    assert not _ok({"prompt": "x", "temperature": 1e-5}).greedy()
+    assert _ok({"prompt": "x", "seed": -(1 << 63)}).seed == -(1 << 63)
+    assert _ok({"prompt": "x", "seed": (1 << 63) - 1}).seed == (1 << 63) - 1
+    # OpenAI's document bounds seeds at int64 written as a double: 9223372036854776000
+    assert _ok({"prompt": "x", "seed": 9223372036854776000}).seed == 9223372036854776000
+    assert _ok({"prompt": "x", "max_tokens": 0}).max_tokens == 0
+    assert _ok({}).prompts() == [""] and _ok({"prompt": ""}).prompts() == [""]
+    opts = _ok(
+        {"prompt": "x", "stream_options": {"include_usage": True, "include_obfuscation": True}}
+    )
+    assert opts.include_usage()
+    assert _ok({"prompt": "x", "user": "u" * 1000}).user == "u" * 1000
+
+
+@pytest.mark.parametrize(
+    "prompt, prompts",
+    [
+        ("a", ["a"]),
+        (["a", "b"], ["a", "b"]),
+        ([5, 6.0], [[5, 6]]),
+        ([[5], [6, 7]], [[5], [6, 7]]),
+        ([], []),  # no prompts: no choices
+    ],
+)
+def test_prompt_takes_each_of_openais_four_shapes(prompt, prompts):
+    assert _ok({"prompt": prompt}).prompts() == prompts
+
+
+def test_a_bad_prompt_names_the_shapes_it_can_take():
+    for bad in (5, [[]], [1, "a"], [["a"]], {"a": 1}, [True]):
+        err = _refusal({"prompt": bad})
+        assert err.param == "prompt", bad
+        if bad not in ([],):
+            assert "a list of token-id lists" in err.message, (bad, err.message)
+    assert "at most 256 prompts" in _refusal({"prompt": ["x"] * 257}).message
+
+
+def test_logit_bias_keys_are_token_ids_and_values_within_100():
+    assert _ok({"prompt": "x", "logit_bias": {"5": -100, "7": 100.0}}).logit_bias == {
+        "5": -100,
+        "7": 100,
+    }
+    assert _ok({"prompt": "x", "logit_bias": {}}).logit_bias == {}
+    assert "is not a token id" in _refusal({"prompt": "x", "logit_bias": {"-1": 1}}).message
+    assert "outside -100..100" in _refusal({"prompt": "x", "logit_bias": {"1": -101}}).message
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "low"),
+        ("verbosity", "low"),
+    ],
+)
+def test_fields_raylm_cannot_honour_are_refused_by_name(field, value):
+    msgs = [{"role": "user", "content": "hi"}]
+    err = _refusal({"messages": msgs, field: value}, ChatRequest)
+    assert err.status == 400 and err.message.endswith(
+        f"{field} ({UNSUPPORTED[field]}) is not supported by raylm"
+    )
+
+
+def test_hints_that_do_not_change_the_answer_are_accepted():
+    msgs = [{"role": "user", "content": "hi"}]
+    req = _ok(
+        {
+            "messages": msgs,
+            "metadata": {"k": "v"},
+            "store": False,
+            "service_tier": "auto",
+            "safety_identifier": "s",
+            "prompt_cache_key": "k",
+            "parallel_tool_calls": True,
+            "tool_choice": "none",
+            "modalities": ["text"],
+            "response_format": {"type": "text"},
+        },
+        ChatRequest,
+    )
+    assert req.response_format.type == "text"
+    assert (
+        "only 'text'" in _refusal({"messages": msgs, "modalities": ["audio"]}, ChatRequest).message
+    )
+
+
+def test_response_format_json_schema_comes_with_its_schema():
+    msgs = [{"role": "user", "content": "hi"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    req = _ok({"messages": msgs, "response_format": fmt}, ChatRequest)
+    assert req.response_format.json_schema.schema_ == {"type": "object"}
+    for bad in ({"type": "json_schema"}, {"type": "json_object", "json_schema": {"name": "x"}}):
+        assert _refusal({"messages": msgs, "response_format": bad}, ChatRequest).status == 400
+    assert _refusal({"messages": msgs, "response_format": {"type": "xml"}}, ChatRequest).param == (
+        "response_format.type"
+    )
+
+
+def test_bodies_carry_every_choice_and_a_usage_chunk_has_none():
+    body = chat_body("m", [chat_choice(i, t, "stop") for i, t in enumerate("ab")], 3, 2)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in body["choices"]] == ["a", "b"]
+    last = usage_chunk("chat", "id", 5, "m", 3, 2)
+    assert last["choices"] == [] and last["usage"] == usage(3, 2)
+    assert last["object"] == "chat.completion.chunk"
+    assert usage_chunk("text", "id", 5, "m", 3, 2)["object"] == "text_completion"
+    assert chunk("text", "i", 1, "m", "x", None, index=3)["choices"][0]["index"] == 3
+
+
+# -- the sampling extensions, on the engine ----------------------------------------------------
+
+
+def test_penalties_lower_each_logit_by_count_and_presence_of_generated_tokens_only():
+    import torch
+
+    from raylm.serving.engine import _Penalties
+
+    ids = torch.tensor([[4, 4, 1, 1, 2], [0, 3, 3, 3, 3]])  # prompt width 2: counted from col 2
+    scores = torch.zeros(2, 5)
+    out = _Penalties(2, presence=0.5, frequency=0.25)(ids, scores)
+    # row 0 generated [1, 1, 2]: token 1 twice, token 2 once; token 4 is only in the prompt
+    assert out[0].tolist() == [0.0, -1.0, -0.75, 0.0, 0.0]
+    assert out[1].tolist() == [0.0, 0.0, 0.0, -1.25, 0.0]
+    assert _Penalties(5, 1.0, 1.0)(ids, scores).tolist() == scores.tolist()  # nothing generated
+
+
+def test_logit_bias_eos_ignore_eos_min_tokens_and_special_tokens(engine):
+    from dataclasses import replace
+
+    eos = engine.tokenizer.eos_token_id
+    ids = engine.encode_prompt("12+7=")
+    g = Sampling(max_tokens=6)
+
+    def one(**kw):
+        return engine.generate([("tiny", ids, replace(g, **kw))])[0]
+
+    forced = ((eos, 100.0),)
+    assert (one(logit_bias=forced).completion_tokens, one(logit_bias=forced).finish_reason) == (
+        0,
+        "stop",
+    )
+    through = one(logit_bias=forced, ignore_eos=True)
+    assert (through.text, through.completion_tokens, through.finish_reason) == ("", 6, "length")
+    shown = one(logit_bias=forced, ignore_eos=True, skip_special_tokens=False)
+    assert shown.text == engine.tokenizer.eos_token * 6
+    assert one(logit_bias=forced, min_tokens=3).completion_tokens == 3
+    seven = engine.tokenizer.convert_tokens_to_ids("7")
+    only7 = one(logit_bias=((seven, 100.0), (eos, -100.0)))
+    assert only7.text == "7" * 6
+
+
+def test_top_k_1_and_min_p_1_sample_the_greedy_answer(endless):
+    ids = endless.encode_prompt("5")
+
+    def text(s: Sampling) -> str:
+        return endless.generate([("endless", ids, s)])[0].text
+
+    greedy = text(Sampling(max_tokens=8))
+    for kw in ({"top_k": 1}, {"min_p": 1.0}):
+        for seed in (1, 2):
+            assert text(Sampling(max_tokens=8, temperature=1.5, seed=seed, **kw)) == greedy, kw
+    wild = {text(Sampling(8, 1.5, seed=s)) for s in range(4)}
+    assert wild != {greedy}  # without them, sampling at 1.5 strays
+
+
+def test_frequency_and_repetition_penalties_stop_greedy_repeating(endless):
+    ids = endless.encode_prompt("5")
+
+    def distinct(**kw) -> tuple[int, str]:
+        text = endless.generate([("endless", ids, Sampling(max_tokens=12, **kw))])[0].text
+        return len(set(endless.tokenizer(text, add_special_tokens=False)["input_ids"])), text
+
+    plain = distinct()
+    for kw in ({"frequency_penalty": 2.0}, {"repetition_penalty": 3.0}):
+        assert distinct(**kw)[0] > plain[0], (kw, plain, distinct(**kw))
+
+
+def test_an_empty_prompt_is_the_start_of_a_document(engine):
+    assert engine.encode_prompt("") == [engine.tokenizer.bos_token_id]
+    assert engine.vocab_size == len(engine.tokenizer)
+
+
+def test_a_stop_string_no_token_spells_is_still_a_stop(engine):
+    """transformers refuses to watch for a stop string with characters outside the vocabulary;
+    such a string cannot stop generation early, and must not fail the request either."""
+    ids = engine.encode_prompt("1+1=")
+    sevens = ((engine.tokenizer.convert_tokens_to_ids("7"), 100.0),)
+    only_odd = Sampling(max_tokens=6, ignore_eos=True, logit_bias=sevens, stop=("☃",))
+    assert engine._early_stops(only_odd.stop) == []
+    out = engine.generate([("tiny", ids, only_odd)])[0]
+    assert (out.text, out.finish_reason) == ("777777", "length")
+    mixed = replace(only_odd, stop=("☃\u0007", "77"))
+    assert engine._early_stops(mixed.stop) == ["77"]
+    out = engine.generate([("tiny", ids, mixed)])[0]
+    assert (out.text, out.finish_reason) == ("", "stop")
+
+
+def test_every_field_the_conformance_test_drops_is_in_the_readme_as_not_supported():
+    from pathlib import Path
+
+    from raylm.serving.openai_requests import UNSUPPORTED
+
+    from .openai_subset import PLATFORM_ONLY
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    refused = [
+        row for row in readme.splitlines() if row.startswith("| `") and "**not supported**" in row
+    ]
+    dropped = {f for fields in PLATFORM_ONLY.values() for f in fields} | set(UNSUPPORTED)
+    for field in sorted(dropped):
+        assert any(f"`{field}`" in row for row in refused), field
+
+
+def test_the_text_subset_keeps_three_operations_and_refuses_unknown_fields():
+    from .openai_subset import PLATFORM_ONLY, cap, load_official, text_subset
+
+    doc = text_subset(load_official(), "m", 100)
+    assert {(p, m) for p, ops in doc["paths"].items() for m in ops} == {
+        ("/models", "get"),
+        ("/completions", "post"),
+        ("/chat/completions", "post"),
+    }
+    s = doc["components"]["schemas"]
+    for name, kind in (
+        ("CreateCompletionRequest", "completions"),
+        ("CreateChatCompletionRequest", "chat"),
+    ):
+        assert s[name]["additionalProperties"] is False
+        assert not set(PLATFORM_ONLY[kind]) & set(s[name]["properties"])
+        assert s[name]["properties"]["model"] == {"type": "string", "enum": ["m"]}
+    assert s["ChatCompletionStreamOptions"]["anyOf"][0]["additionalProperties"] is False
+    capped = cap({"n": 100.0, "best_of": 0, "max_tokens": 5000, "prompt": ["a" * 100] * 5})
+    assert capped == {"n": 2, "best_of": 2, "max_tokens": 6, "prompt": ["a" * 40] * 3}

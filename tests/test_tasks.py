@@ -8,12 +8,15 @@ import json
 import pytest
 
 from raylm.serving.openai_api import (
-    ChatRequest,
-    LabelRequest,
     chat_body,
+    chat_choice,
     classify_body,
     ner_body,
     parse_body,
+)
+from raylm.serving.openai_requests import (
+    ChatRequest,
+    LabelRequest,
 )
 from raylm.tasks import (
     DEFAULT_TASK,
@@ -97,7 +100,8 @@ def test_chat_sample_request_is_a_valid_greedy_chat_body_and_its_answer_is_read_
     assert [(m.role, m.content) for m in req.messages] == [("user", "Hello!")]
     assert req.temperature == 0
     assert req.max_tokens == 16
-    assert task.answer_text(chat_body("my-model", "Hi there", "stop", 3, 2)) == "Hi there"
+    answer = chat_body("my-model", [chat_choice(0, "Hi there", "stop")], 3, 2)
+    assert task.answer_text(answer) == "Hi there"
 
 
 @pytest.mark.parametrize("name", ["sequence_classification", "token_classification"])

@@ -351,6 +351,9 @@ class ServeSpec(Section):
         256, ge=1, description="Largest `max_tokens` a request may ask for."
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_n: int = Field(
+        8, ge=1, le=128, description="Most answers one request may ask for (`n` × prompts)."
+    )
     api_key_env: str | None = Field(
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",

@@ -28,11 +28,13 @@ from raylm.checkpoint import task_of
 from raylm.serving.auth import check_key
 from raylm.serving.openai_api import (
     APIError,
+    parse_body,
+    sse,
+)
+from raylm.serving.openai_requests import (
     ChatRequest,
     CompletionRequest,
     LabelRequest,
-    parse_body,
-    sse,
 )
 from raylm.serving.replica import Limits, ModelServer
 from raylm.tasks import TASKS
@@ -251,6 +253,7 @@ def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: st
         s.max_body_bytes,
         s.max_batch_size,
         s.batch_wait_timeout_s,
+        s.max_n,
     )
     options: dict[str, Any] = {
         "autoscaling_config": s.autoscaling.to_serve(),

@@ -1,21 +1,17 @@
-"""The OpenAI-compatible wire format: request models, strict JSON parsing, OpenAI-style errors and
-response/chunk bodies. Pure Python (pydantic only), so it is unit-testable without a server."""
+"""The OpenAI-compatible wire format: strict JSON parsing into the request models
+(`openai_requests`), OpenAI-style errors and response/chunk bodies. Pure Python (pydantic only), so
+it is unit-testable without a server."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
 from raylm.errors import format_error
-
-# C0 controls other than tab/newline/carriage return, and DEL: never meaningful in a prompt.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-MAX_STOP = 4
 
 
 class APIError(Exception):
@@ -43,118 +39,6 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
-
-
-def _clean_text(value: str, what: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError(f"{what} contains control characters")
-    return value
-
-
-class _Request(BaseModel):
-    # Strict: "0.5" is not a number and 1 is not a bool; unknown fields are refused, not ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = Field(None, min_length=1, max_length=256)
-    # None: 16 for completions (OpenAI's default), the server's limit for chat.
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=(1 << 63) - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
-    user: str | None = Field(None, max_length=256)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None:
-            if len(stops) > MAX_STOP:
-                raise ValueError(f"at most {MAX_STOP} stop sequences")
-            if any(not s for s in stops):
-                raise ValueError("stop sequences must be non-empty")
-        return stops
-
-    def stops(self) -> tuple[str, ...]:
-        """The stop sequences as a tuple."""
-        return tuple(self.stop or ())
-
-
-class CompletionRequest(_Request):
-    prompt: str = Field(min_length=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _clean_text(v, "prompt")
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1 << 20)
-    name: str | None = Field(None, max_length=64)
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: str) -> str:
-        return _clean_text(v, "content")
-
-
-class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1, max_length=256)
-    # Newer OpenAI clients send this name for chat; it means the same as max_tokens.
-    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
-
-    @model_validator(mode="after")
-    def _one_limit(self) -> ChatRequest:
-        if self.max_completion_tokens is not None:
-            if self.max_tokens is not None:
-                raise ValueError("give max_tokens or max_completion_tokens, not both")
-            self.max_tokens = self.max_completion_tokens
-        return self
-
-    @field_validator("messages")
-    @classmethod
-    def _has_user(cls, v: list[Message]) -> list[Message]:
-        if not any(m.role == "user" and m.content for m in v):
-            raise ValueError("needs at least one non-empty user message")
-        return v
-
-
-MAX_INPUTS = 256
-
-
-class LabelRequest(BaseModel):
-    """`POST /v1/classify` and `/v1/ner`: one text or a list of texts (OpenAI's `input`, as in
-    its moderation and embedding APIs)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = Field(None, min_length=1, max_length=256)
-    input: str | list[str]
-    user: str | None = Field(None, max_length=256)
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, v: str | list[str]) -> str | list[str]:
-        texts = [v] if isinstance(v, str) else v
-        if not texts:
-            raise ValueError("needs at least one text")
-        if len(texts) > MAX_INPUTS:
-            raise ValueError(f"at most {MAX_INPUTS} texts per request")
-        for text in texts:
-            if not text.strip():
-                raise ValueError("texts must not be empty")
-            _clean_text(text, "input")
-        return v
-
-    def texts(self) -> list[str]:
-        """The input as a list."""
-        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 def _no_constants(name: str) -> float:
@@ -199,8 +83,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def text_choice(
+    index: int, text: str, finish: str, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One `/v1/completions` choice."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_choice(
+    index: int, text: str, finish: str, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One chat choice; OpenAI's schema requires `refusal` on the message (raylm never refuses
+    in-band, so it is null)."""
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": logprobs,
+        "finish_reason": finish,
+    }
+
+
 def completion_body(
-    model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """A `text_completion` response."""
     return {
@@ -208,13 +112,13 @@ def completion_body(
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_body(
-    model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """A `chat.completion` response."""
     return {
@@ -222,14 +126,7 @@ def chat_body(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -266,14 +163,21 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def chunk(
-    kind: str, id_: str, created: int, model: str, delta: dict[str, Any] | str, finish: str | None
+    kind: str,
+    id_: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any] | str,
+    finish: str | None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed chunk: `chat.completion.chunk` (delta dict) or `text_completion` (text)."""
     if kind == "chat":
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "delta": delta,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }
         return {
@@ -288,5 +192,20 @@ def chunk(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [text_choice(index, delta, finish, logprobs)],  # type: ignore[arg-type]
+    }
+
+
+def usage_chunk(
+    kind: str, id_: str, created: int, model: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The last chunk of a stream asked for `stream_options.include_usage`: no choices, the
+    whole request's usage."""
+    return {
+        "id": id_,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
     }

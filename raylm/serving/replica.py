@@ -6,26 +6,35 @@ to the gateway. It never sees HTTP or API keys."""
 # No `from __future__ import annotations`: Serve inspects these methods at runtime.
 
 import asyncio
+import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ray import serve
 
 from raylm.checkpoint import task_of
 from raylm.serving.engine import Completion, Sampling
+from raylm.serving.guided import ANY_OBJECT, schema_problem
+from raylm.serving.logprobs import chat_shape, completion_shape, token_pieces
 from raylm.serving.openai_api import (
     APIError,
-    CompletionRequest,
-    LabelRequest,
     chat_body,
+    chat_choice,
     chunk,
     classify_body,
     completion_body,
     ner_body,
     new_id,
     sse,
+    text_choice,
+    usage_chunk,
+)
+from raylm.serving.openai_requests import (
+    CompletionRequest,
+    LabelRequest,
 )
 from raylm.serving.predictor import Entity, Label
 from raylm.tasks import TASKS
@@ -42,6 +51,7 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
+    max_n: int = 8
 
 
 def _count(counter: Any, n: int, model: str) -> None:
@@ -145,12 +155,27 @@ class ModelServer:
             return 200, classify_body(model, [asdict(x) for x in out], sum(counts))
         return 200, ner_body(model, [[asdict(e) for e in ents] for ents in out], sum(counts))
 
-    def _encode(self, kind: str, req: Any, model: str) -> list[int]:
+    def _prompts(self, kind: str, req: Any, model: str) -> list[list[int]]:
+        """The token ids of each prompt (one for chat; one per `prompt` entry for
+        completions)."""
         if kind == "chat":
-            return self.engine.encode_chat(
-                model, [m.model_dump(exclude_none=True) for m in req.messages]
-            )
-        return self.engine.encode_prompt(req.prompt)
+            return [self.engine.encode_chat(model, req.turns())]
+        vocab = self.engine.vocab_size
+        out = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                out.append(self.engine.encode_prompt(p))
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(
+                    400,
+                    f"prompt token id {bad[0]} is not in the tokenizer (0..{vocab - 1})",
+                    param="prompt",
+                    code="invalid_value",
+                )
+            out.append(list(p))
+        return out
 
     def _sampling(self, req: Any, prompt_len: int) -> Sampling:
         lim = self.limits
@@ -181,62 +206,216 @@ class ModelServer:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return Sampling(max_tokens, req.temperature, req.top_p, req.stops(), req.seed)
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=0.0 if req.greedy() else req.temperature,
+            top_p=req.top_p,
+            stop=req.stops(),
+            seed=req.seed,
+            top_k=max(req.top_k, 0),
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            min_tokens=min(req.min_tokens, max_tokens),
+            ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens,
+            logit_bias=self._logit_bias(req),
+            **self._scoring(req),
+        )
+
+    @staticmethod
+    def _scoring(req: Any) -> dict[str, Any]:
+        """Sampling fields for logprobs, echo and JSON output."""
+        if isinstance(req, CompletionRequest):
+            return {"logprobs": req.logprobs, "echo": req.echo}
+        fmt, schema = req.response_format, None
+        if fmt is not None and fmt.type == "json_object":
+            schema = ANY_OBJECT
+        elif fmt is not None and fmt.type == "json_schema":
+            given = fmt.json_schema.schema_ or {"type": "object"}
+            problem = schema_problem(given)
+            if problem:
+                raise APIError(
+                    400,
+                    f"response_format.json_schema.schema {problem}",
+                    param="response_format.json_schema.schema",
+                    code="invalid_value",
+                )
+            schema = json.dumps(given, sort_keys=True)
+        return {
+            "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+            "json_schema": schema,
+        }
+
+    def _logit_bias(self, req: Any) -> tuple[tuple[int, float], ...]:
+        vocab = self.engine.vocab_size
+        bias = []
+        for key, value in sorted((req.logit_bias or {}).items()):
+            if int(key) >= vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            bias.append((int(key), float(value)))
+        return tuple(bias)
+
+    def _plan(self, kind: str, req: Any, model: str) -> list[tuple[list[int], Sampling]]:
+        """(prompt ids, sampling) of every choice, prompt by prompt then `n` each (OpenAI's
+        choice order); raises APIError for limits. Choice i of a seeded request gets seed + i,
+        so the n answers differ and each repeats."""
+        prompts = self._prompts(kind, req, model)
+        per_prompt = _candidates(req)
+        if len(prompts) * per_prompt > self.limits.max_n:
+            what = "n" if per_prompt == req.n else "best_of"
+            raise APIError(
+                400,
+                f"{len(prompts)} prompt(s) × {what}={per_prompt} answers is over this server's "
+                f"limit of {self.limits.max_n} (serve.max_n)",
+                param=what,
+                code="invalid_value",
+            )
+        per_prompt = _candidates(req)
+        plan = []
+        for ids in prompts:
+            base = self._sampling(req, len(ids))
+            if per_prompt > req.n and base.logprobs is None:
+                base = replace(base, logprobs=0)  # best_of ranks by the chosen tokens' logprobs
+            for i in range(per_prompt):
+                seed = None if base.seed is None else _wrap_int64(base.seed + i)
+                plan.append((ids, replace(base, seed=seed)))
+        return plan
 
     async def answer(self, kind: str, req: Any, model: str) -> tuple[int, dict[str, Any]]:
         """A non-streaming request → (HTTP status, JSON body); limit errors come back as 4xx."""
         try:
-            ids = self._encode(kind, req, model)
-            sampling = self._sampling(req, len(ids))
+            plan = self._plan(kind, req, model)
         except APIError as exc:
             return exc.status, exc.body()
-        _count(self.m_prompt, len(ids), model)
-        (out,) = await self._batched(self.generate_batch, [(model, ids, sampling)])
-        _count(self.m_tokens, out.completion_tokens, model)
-        body = chat_body if kind == "chat" else completion_body
-        return 200, body(
-            model, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens
-        )
+        prompt_tokens = sum(len(ids) for ids, _ in plan[:: _candidates(req)])
+        _count(self.m_prompt, prompt_tokens, model)
+        outs = await self._batched(self.generate_batch, [(model, ids, s) for ids, s in plan])
+        made = sum(o.completion_tokens for o in outs)  # every candidate's tokens, as OpenAI counts
+        plan, outs = _best(req, plan, outs)
+        _count(self.m_tokens, made, model)
+        if kind == "chat":
+            choices = [
+                chat_choice(i, o.text, o.finish_reason, self._chat_logprobs(o))
+                for i, o in enumerate(outs)
+            ]
+            return 200, chat_body(model, choices, prompt_tokens, made)
+        choices = []
+        for i, ((ids, s), o) in enumerate(zip(plan, outs, strict=True)):
+            text, logprobs = self._echoed(ids, s, o)
+            asked = req.logprobs is not None  # best_of alone computes logprobs only to rank
+            choices.append(text_choice(i, text, o.finish_reason, logprobs if asked else None))
+        return 200, completion_body(model, choices, prompt_tokens, made)
+
+    def _chat_logprobs(self, out: Completion) -> dict[str, Any] | None:
+        if out.logprobs is None:
+            return None
+        return chat_shape(out.logprobs, self.engine.token_text)
+
+    def _echoed(
+        self, ids: list[int], s: Sampling, out: Completion
+    ) -> tuple[str, dict[str, Any] | None]:
+        """A completion choice's text (after the prompt, with `echo`) and its logprobs."""
+        tok = self.engine.tokenizer
+
+        def decode(part: Sequence[int]) -> str:
+            return tok.decode(part, skip_special_tokens=s.skip_special_tokens)
+
+        # The prompt as its tokens spell it (a token-id prompt has no other text).
+        prompt = decode(ids) if s.echo else ""
+        if s.logprobs is None:
+            return prompt + out.text, None
+        items: list[Any] = list(out.logprobs or [])
+        pieces, offsets = token_pieces(decode, self.engine.token_text, out.token_ids)
+        offsets = [len(prompt) + o for o in offsets]
+        if s.echo:
+            items = list(out.prompt_logprobs or []) + items
+            before, at = token_pieces(decode, self.engine.token_text, ids)
+            pieces, offsets = before + pieces, at + offsets
+        return prompt + out.text, completion_shape(items, self.engine.token_text, pieces, offsets)
 
     async def stream(self, kind: str, req: Any, model: str) -> Any:
-        """A streaming request: first `(status, error body or None)`, then SSE event strings."""
+        """A streaming request: first `(status, error body or None)`, then SSE event strings.
+        Several choices stream one after another, each chunk naming its choice's index."""
         try:
-            ids = self._encode(kind, req, model)
-            sampling = self._sampling(req, len(ids))
+            plan = self._plan(kind, req, model)
         except APIError as exc:
             yield exc.status, exc.body()
             return
-        _count(self.m_prompt, len(ids), model)
+        prompt_tokens = sum(len(ids) for ids, _ in plan[:: _candidates(req)])
+        _count(self.m_prompt, prompt_tokens, model)
         yield 200, None
         id_, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
-        if kind == "chat":
-            yield sse(chunk(kind, id_, created, model, {"role": "assistant", "content": ""}, None))
-        finish: dict[str, Any] = {}
-        try:
-            async for piece in self.engine.stream(model, ids, sampling, finish):
-                yield sse(
-                    chunk(
-                        kind,
-                        id_,
-                        created,
-                        model,
-                        {"content": piece} if kind == "chat" else piece,
-                        None,
-                    )
-                )
-        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-            logger.exception("stream failed")
-            yield sse(APIError(500, f"generation failed: {exc}").body())
-            return
-        _count(self.m_tokens, finish.get("completion_tokens", 0), model)
-        yield sse(
-            chunk(
-                kind,
-                id_,
-                created,
-                model,
-                {} if kind == "chat" else "",
-                finish.get("reason", "stop"),
-            )
-        )
+        with_usage = req.include_usage()
+
+        def event(
+            delta: Any, finish: str | None, index: int, logprobs: dict[str, Any] | None = None
+        ) -> str:
+            body = chunk(kind, id_, created, model, delta, finish, index, logprobs)
+            if with_usage:  # OpenAI: every chunk carries usage, null until the last one
+                body["usage"] = None
+            return sse(body)
+
+        made = 0
+        for index, (ids, sampling) in enumerate(plan):
+            if kind == "chat":
+                yield event({"role": "assistant", "content": ""}, None, index)
+            finish: dict[str, Any] = {}
+            try:
+                if sampling.logprobs is not None or sampling.echo:
+                    # Scored answers come whole: one chunk with every token's logprobs.
+                    (out,) = await self._batched(self.generate_batch, [(model, ids, sampling)])
+                    finish.update(reason=out.finish_reason, completion_tokens=out.completion_tokens)
+                    if kind == "chat":
+                        lp = self._chat_logprobs(out)
+                        yield event({"content": out.text}, None, index, lp)
+                    else:
+                        text, lp = self._echoed(ids, sampling, out)
+                        yield event(text, None, index, lp)
+                else:
+                    async for piece in self.engine.stream(model, ids, sampling, finish):
+                        yield event({"content": piece} if kind == "chat" else piece, None, index)
+            except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                logger.exception("stream failed")
+                yield sse(APIError(500, f"generation failed: {exc}").body())
+                return
+            made += finish.get("completion_tokens", 0)
+            yield event({} if kind == "chat" else "", finish.get("reason", "stop"), index)
+        _count(self.m_tokens, made, model)
+        if with_usage:
+            yield sse(usage_chunk(kind, id_, created, model, prompt_tokens, made))
         yield sse("[DONE]")
+
+
+def _candidates(req: Any) -> int:
+    """Answers generated per prompt (completions' best_of may ask more than it returns)."""
+    return req.candidates() if isinstance(req, CompletionRequest) else req.n
+
+
+def _best(req: Any, plan: list[Any], outs: list[Completion]) -> tuple[list[Any], list[Completion]]:
+    """best_of: each prompt's n candidates with the highest log probability per token (OpenAI's
+    ranking), likeliest first. Without best_of above n, everything, as it is."""
+    k = _candidates(req)
+    if k == req.n:
+        return plan, outs
+
+    def per_token(i: int) -> float:
+        lps = outs[i].logprobs or []
+        return sum(x.logprob for x in lps) / len(lps) if lps else 0.0
+
+    keep = []
+    for start in range(0, len(plan), k):
+        ranked = sorted(range(start, start + k), key=per_token, reverse=True)
+        keep.extend(ranked[: req.n])
+    return [plan[i] for i in keep], [outs[i] for i in keep]
+
+
+def _wrap_int64(value: int) -> int:
+    """`value` wrapped into int64, the range a request's seed comes in."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
