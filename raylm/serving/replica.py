@@ -277,7 +277,6 @@ class ModelServer:
                 param=what,
                 code="invalid_value",
             )
-        per_prompt = _candidates(req)
         plan = []
         for ids in prompts:
             base = self._sampling(req, len(ids))
