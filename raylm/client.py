@@ -84,6 +84,7 @@ class Client:
         """POST /v1/completions; returns the response body. `params` are OpenAI's (n, logprobs,
         echo, best_of, logit_bias, ...; README "OpenAI parameters"). For streams, use the
         `openai` package."""
+        _no_stream(params)
         body = {"prompt": prompt, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/completions", body)
 
@@ -92,6 +93,7 @@ class Client:
     ) -> dict[str, Any]:
         """POST /v1/chat/completions; returns the response body. `params` as for
         `completion` (response_format, logprobs, top_logprobs, ...)."""
+        _no_stream(params)
         body = {"messages": messages, **params, **({"model": model} if model else {})}
         return self.request("POST", "/v1/chat/completions", body)
 
@@ -110,3 +112,11 @@ class Client:
     def models(self) -> list[str]:
         """The served model names."""
         return [m["id"] for m in self.request("GET", "/v1/models")["data"]]
+
+
+def _no_stream(params: dict[str, Any]) -> None:
+    if params.get("stream"):
+        raise ValueError(
+            "raylm.client returns whole answers; for stream=True use the openai package "
+            "(OpenAI(base_url=URL + '/v1'))"
+        )

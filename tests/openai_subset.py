@@ -262,6 +262,8 @@ def cap(body: Any, flags: dict[str, bool] | None = None) -> Any:
         return body
     out = {k: v if k in ("response_format", "logit_bias") else _shrink(v) for k, v in body.items()}
     out.update(flags or {})
+    if out.get("top_logprobs") is not None:  # OpenAI: top_logprobs needs logprobs: true
+        out["logprobs"] = True
     for key, most in CAPS.items():
         if _is_number(out.get(key)):
             out[key] = min(int(out[key]), most)

@@ -54,9 +54,9 @@ JSON = "application/json"
         (b'{"prompt": "hi", "logprobs": 6}', JSON, 400, "logprobs"),
         (b'{"prompt": "hi", "logprobs": true}', JSON, 400, "logprobs"),
         (b'{"prompt": "hi", "echo": 1}', JSON, 400, "echo"),
-        (b'{"prompt": "hi", "suffix": "x"}', JSON, 400, None),
-        (b'{"prompt": "hi", "best_of": 2, "n": 3}', JSON, 400, None),
-        (b'{"prompt": "hi", "best_of": 3, "stream": true}', JSON, 400, None),
+        (b'{"prompt": "hi", "suffix": "x"}', JSON, 400, "suffix"),
+        (b'{"prompt": "hi", "best_of": 2, "n": 3}', JSON, 400, "best_of"),
+        (b'{"prompt": "hi", "best_of": 3, "stream": true}', JSON, 400, "best_of"),
         (
             b'{"prompt": "hi", "stream_options": {"include_usage": 1}}',
             JSON,
@@ -74,7 +74,7 @@ JSON = "application/json"
         (b'{"prompt": "hi", "min_p": 1.5}', JSON, 400, "min_p"),
         (b'{"prompt": "hi", "repetition_penalty": 0}', JSON, 400, "repetition_penalty"),
         (b'{"prompt": "hi", "min_tokens": -1}', JSON, 400, "min_tokens"),
-        (b'{"prompt": "hi", "min_tokens": 5, "max_tokens": 2}', JSON, 400, None),
+        (b'{"prompt": "hi", "min_tokens": 5, "max_tokens": 2}', JSON, 400, "min_tokens"),
         (b'{"prompt": "hi", "ignore_eos": "yes"}', JSON, 400, "ignore_eos"),
         (b'{"prompt": "hi", "skip_special_tokens": 0}', JSON, 400, "skip_special_tokens"),
     ],
@@ -361,9 +361,11 @@ def test_a_validation_error_names_its_field_value_and_how_many_more():
     assert one.message.startswith("temperature=3: ")
     three = _refusal({"prompt": 5, "temperature": 3, "top_p": -1})
     assert three.param == "temperature"  # the first in field order
-    assert three.message.startswith("temperature=3: ") and three.message.endswith(" (and 2 more)")
+    assert three.message.startswith("temperature=3: ") and three.message.endswith(
+        " (and 2 more problems)"
+    )
     two = _refusal({"prompt": "hi", "temperature": 3, "top_p": -1})
-    assert two.message.endswith(" (and 1 more)")
+    assert two.message.endswith(" (and 1 more problem)")
     assert "more)" not in one.message
 
 
@@ -373,10 +375,16 @@ def test_a_long_bad_value_is_cut_to_60_characters():
     assert len(value) == 60 and value.endswith("...")
 
 
-def test_a_whole_body_problem_has_no_param():
+def test_a_cross_field_problem_names_its_field_not_the_body():
     err = _refusal({"prompt": "x", "best_of": 1, "n": 2})
-    assert (err.status, err.code, err.param) == (400, "invalid_value", None)
-    assert err.message.endswith("best_of (1) must be at least n (2)")
+    assert (err.status, err.code, err.param) == (400, "invalid_value", "best_of")
+    assert err.message == "best_of=1: must be at least n (2)"
+    msgs = [{"role": "user", "content": "hi"}]
+    err = _refusal({"messages": msgs, "top_logprobs": 2}, ChatRequest)
+    assert err.param == "top_logprobs" and "needs logprobs: true" in err.message
+    err = _refusal({"messages": msgs, "response_format": {"type": "json_schema"}}, ChatRequest)
+    assert err.param == "response_format.json_schema"
+    assert err.message.endswith("type 'json_schema' needs a json_schema object")
 
 
 @pytest.mark.parametrize("char", ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\x7f"])
@@ -722,6 +730,7 @@ def test_fields_raylm_cannot_honour_are_refused_by_name(field, value):
     assert err.status == 400 and err.message.endswith(
         f"{field} ({UNSUPPORTED[field]}) is not supported by raylm"
     )
+    assert err.param == field  # what a client can branch on
 
 
 def test_hints_that_do_not_change_the_answer_are_accepted():
@@ -894,3 +903,12 @@ def test_the_text_subset_keeps_three_operations_and_refuses_unknown_fields():
     assert s["ChatCompletionStreamOptions"]["anyOf"][0]["additionalProperties"] is False
     capped = cap({"n": 100.0, "best_of": 0, "max_tokens": 5000, "prompt": ["a" * 100] * 5})
     assert capped == {"n": 2, "best_of": 2, "max_tokens": 6, "prompt": ["a" * 40] * 3}
+
+
+def test_raylms_client_refuses_stream_before_sending_and_points_to_openai():
+    from raylm.client import Client
+
+    c = Client("http://127.0.0.1:9")  # nothing listens there: a send would be a URLError
+    for call in (lambda: c.completion("1+1=", stream=True), lambda: c.chat([], stream=True)):
+        with pytest.raises(ValueError, match="use the openai package"):
+            call()

@@ -187,6 +187,30 @@ def test_schemas_that_cannot_guide_decoding_are_named():
     nested = {"type": "array", "items": {"anyOf": [{"type": "string"}, {"not": {}}]}}
     assert "'items.anyOf.1.not'" in schema_problem(nested)
     assert "'oneOf'" in schema_problem({"oneOf": [{"type": "string"}]})
+    # format is meant (a date, a uuid) and not enforced; booleans and null in an enum or a const
+    # would be written as Python spells them
+    assert "'properties.d.format'" in schema_problem(
+        {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}
+    )
+    assert "'const'" in schema_problem({"const": True})
+    assert "'items.enum'" in schema_problem({"type": "array", "items": {"enum": ["a", None]}})
+    assert "cannot be compiled" in schema_problem({"enum": [7, "a"]})
+
+
+@pytest.mark.parametrize(
+    "schema, expected",
+    [
+        ({"type": "object", "properties": {"n": {"type": "integer", "const": 7}}}, {"n": 7}),
+        ({"const": 7}, 7),
+        ({"const": "seven"}, "seven"),
+    ],
+)
+def test_a_const_is_written_as_its_value(engine, schema, expected):
+    if "properties" in schema:
+        schema = {**schema, "required": ["n"]}
+    s = Sampling(max_tokens=40, json_schema=json.dumps(schema, sort_keys=True))
+    out = engine.generate([("tiny", engine.encode_prompt("1+1="), s)])[0]
+    assert out.finish_reason == "stop" and json.loads(out.text) == expected
 
 
 def test_a_pydantic_style_schema_with_refs_and_optionals_is_enforced(engine):

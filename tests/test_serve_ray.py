@@ -127,9 +127,14 @@ def post(url: str, body: bytes | str, headers: dict[str, str] | None = None, met
 
 
 def test_models_lists_the_winner_and_each_top_k_trial(served):
+    import openai
+
     ids = [m.id for m in client(served).models.list().data]
     assert ids[0] == "srv" and set(served["trial_of"].values()) <= set(ids)
     assert ids[-1] == "metered" and len(ids) == 4
+    assert client(served).models.retrieve("metered").id == "metered"
+    with pytest.raises(openai.NotFoundError):
+        client(served).models.retrieve("nope")
 
 
 def test_openai_client_completion_chat_and_stream_match_in_process_generate(served):
@@ -569,6 +574,13 @@ def _bad_requests(url: str) -> list[tuple[str, str, bytes | str, dict[str, str],
         ("n over serve.max_n", comp, '{"prompt": "x", "n": 9}', {}, 400),
         ("prompts × n over serve.max_n", comp, '{"prompt": ["x", "y", "z"], "n": 3}', {}, 400),
         ("unknown field, null", comp, '{"prompt": "x", "": null, "foo": null}', {}, 400),
+        (
+            "top_logprobs without logprobs",
+            chat,
+            '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            {},
+            400,
+        ),
         ("oversize body", comp, big, {}, 413),
         ("missing API key", comp, '{"prompt": "x"}', {"Authorization": ""}, 401),
         ("wrong API key", comp, '{"prompt": "x"}', {"Authorization": "Bearer nope"}, 401),

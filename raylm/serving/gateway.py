@@ -208,16 +208,19 @@ class Gateway:
             raise _unavailable("no model replica answered") from None
         return {"status": "ok", "models": names}
 
+    def _card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self._created, "owned_by": "raylm"}
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        return {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": self._created, "owned_by": "raylm"}
-                for n in self.names
-            ],
-        }
+        return {"object": "list", "data": [self._card(n) for n in self.names]}
+
+    @app.get("/v1/models/{name}")
+    async def model(self, request: Request, name: str) -> dict[str, Any]:
+        """One served model, as `client.models.retrieve(name)` asks for it; 404 if not served."""
+        self._auth(request)
+        return self._card(self._model(name))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:

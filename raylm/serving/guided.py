@@ -24,10 +24,11 @@ ENFORCED = {
     "enum", "const", "minLength", "maxLength", "pattern", "anyOf", "allOf", "$ref", "$defs",
     "definitions",
 }  # fmt: skip
-# Words that describe and do not constrain (JSON Schema treats `format` as an annotation).
+# Words that describe and do not constrain. `format` is not among them: JSON Schema calls it an
+# annotation, but a client asking for a date or a uuid means it, and the enforcer ignores it.
 ANNOTATIONS = {
     "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-    "readOnly", "writeOnly", "format",
+    "readOnly", "writeOnly",
 }  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 
@@ -38,6 +39,10 @@ def _unenforced(schema: Any, where: str) -> str | None:
         return None
     for key, value in schema.items():
         if key not in ENFORCED and key not in ANNOTATIONS:
+            return f"{where}.{key}" if where else key
+        # The enforcer writes an enum's values with Python's str(): True, not true.
+        values = value if key == "enum" and isinstance(value, list) else [value]
+        if key in ("enum", "const") and any(v is None or isinstance(v, bool) for v in values):
             return f"{where}.{key}" if where else key
         if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
@@ -56,11 +61,31 @@ def _unenforced(schema: Any, where: str) -> str | None:
     return None
 
 
+def _const_as_enum(schema: Any) -> Any:
+    """`{"const": v}` as `{"enum": [v]}` throughout: lm-format-enforcer 0.11 compiles a numeric
+    const but then allows no value after the key (`{"n"` and a stop); a one-value enum it
+    enforces, and an enum of a kind it cannot enforce it refuses at compile time."""
+    if isinstance(schema, list):
+        return [_const_as_enum(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _const_as_enum(v) for k, v in schema.items() if k != "const"}
+    if "const" in schema:
+        out["enum"] = [schema["const"]]
+    return out
+
+
+def compiled(schema: dict[str, Any]) -> Any:
+    """The enforcer's parser for `schema` (after `_const_as_enum`)."""
+    from lmformatenforcer import JsonSchemaParser
+
+    return JsonSchemaParser(_const_as_enum(schema))
+
+
 def schema_problem(schema: dict[str, Any]) -> str | None:
     """Why `schema` cannot guide decoding (not a JSON Schema, a keyword constrained decoding
     does not enforce, or beyond what the enforcer compiles), or None if it can."""
     import jsonschema
-    from lmformatenforcer import JsonSchemaParser
 
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
@@ -70,7 +95,7 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     if keyword:
         return f"uses {keyword!r}, which constrained decoding does not enforce"
     try:
-        JsonSchemaParser(schema)
+        compiled(schema)
     except Exception as exc:  # the enforcer's own errors have no common base class
         return f"cannot be compiled for constrained decoding: {exc}"
     return None
@@ -140,11 +165,11 @@ def _count_leading_whitespace() -> None:
 def allowed_tokens_fn(tokenizer: Any, schema_json: str) -> Any:
     """A `prefix_allowed_tokens_fn` keeping every row of one `generate` call inside the schema
     (`schema_json`: the schema as canonical JSON text, so it can sit in a frozen Sampling)."""
-    from lmformatenforcer import CharacterLevelParserConfig, JsonSchemaParser, TokenEnforcer
+    from lmformatenforcer import CharacterLevelParserConfig, TokenEnforcer
 
     _count_leading_whitespace()
     data = _data(tokenizer)
-    parser = JsonSchemaParser(json.loads(schema_json))
+    parser = compiled(json.loads(schema_json))
     enforcer = TokenEnforcer(data, parser)
     # One whitespace at a time: a small or unsure model otherwise fills its budget with
     # indentation that is valid JSON and says nothing. Set after TokenEnforcer, which replaces

@@ -66,7 +66,8 @@ def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]) -> 
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         param, message = format_error(errors[0], limit=60)
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        extra = len(errors) - 1
+        more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
         raise APIError(400, message + more, param=param or None, code="invalid_value") from None
 
 

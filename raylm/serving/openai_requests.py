@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from raylm.errors import raise_problems
+
 # C0 controls other than tab/newline/carriage return, and DEL: refused in the label routes'
 # texts (OpenAI's generation routes take any string).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -28,6 +30,11 @@ def _clean_text(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} contains control characters")
     return value
+
+
+def _refuse(field: str, value: Any, message: str) -> None:
+    """A cross-field refusal that names its field (the error's `param`), not the whole body."""
+    raise_problems("request", [((field,), value, message)])
 
 
 def _valid_unicode(value: str, what: str) -> str:
@@ -85,8 +92,12 @@ class ResponseFormat(_Strict):
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        if self.type == "json_schema" and self.json_schema is None:
+            _refuse("json_schema", None, "type 'json_schema' needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            _refuse(
+                "json_schema", "…", f"json_schema goes with type 'json_schema', not {self.type!r}"
+            )
         return self
 
 
@@ -157,7 +168,7 @@ class _Request(_Strict):
     @model_validator(mode="after")
     def _limits(self) -> _Request:
         if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens {self.min_tokens} is over max_tokens {self.max_tokens}")
+            _refuse("min_tokens", self.min_tokens, f"is over max_tokens {self.max_tokens}")
         return self
 
     def stops(self) -> tuple[str, ...]:
@@ -218,11 +229,13 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
         if self.suffix:
-            raise ValueError("suffix (inserting text) is not supported")
+            _refuse("suffix", self.suffix, "suffix (inserting text) is not supported by raylm")
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+            _refuse("best_of", self.best_of, f"must be at least n ({self.n})")
         if self.stream and self.best_of is not None and self.best_of > self.n:
-            raise ValueError("best_of above n cannot be streamed: the best are known at the end")
+            _refuse(
+                "best_of", self.best_of, "above n cannot be streamed: the best are known at the end"
+            )
         return self
 
     def candidates(self) -> int:
@@ -313,9 +326,11 @@ class ChatRequest(_Request):
         for name, what in UNSUPPORTED.items():
             value = getattr(self, name)
             if value is not None and not (name == "tool_choice" and value == "none"):
-                raise ValueError(f"{name} ({what}) is not supported by raylm")
+                _refuse(name, value, f"{name} ({what}) is not supported by raylm")
         if self.modalities and "audio" in self.modalities:
-            raise ValueError("modalities: only 'text' output is supported")
+            _refuse("modalities", self.modalities, "only 'text' output is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            _refuse("top_logprobs", self.top_logprobs, "needs logprobs: true, as OpenAI's does")
         # max_completion_tokens replaces the deprecated max_tokens: with both, it decides.
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
