@@ -293,7 +293,7 @@ class ModelServer:
             plan = self._plan(kind, req, model)
         except APIError as exc:
             return exc.status, exc.body()
-        prompt_tokens = sum(len(ids) for ids, _ in plan[:: _candidates(req)])
+        prompt_tokens = _prompt_tokens(req, plan)
         _count(self.m_prompt, prompt_tokens, model)
         outs = await self._batched(self.generate_batch, [(model, ids, s) for ids, s in plan])
         made = sum(o.completion_tokens for o in outs)  # every candidate's tokens, as OpenAI counts
@@ -347,7 +347,7 @@ class ModelServer:
         except APIError as exc:
             yield exc.status, exc.body()
             return
-        prompt_tokens = sum(len(ids) for ids, _ in plan[:: _candidates(req)])
+        prompt_tokens = _prompt_tokens(req, plan)
         _count(self.m_prompt, prompt_tokens, model)
         yield 200, None
         id_, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
@@ -395,6 +395,11 @@ class ModelServer:
 def _candidates(req: Any) -> int:
     """Answers generated per prompt (completions' best_of may ask more than it returns)."""
     return req.candidates() if isinstance(req, CompletionRequest) else req.n
+
+
+def _prompt_tokens(req: Any, plan: list[tuple[list[int], Sampling]]) -> int:
+    """Prompt tokens read: each prompt once, however many candidates it has in the plan."""
+    return sum(len(ids) for ids, _ in plan[:: _candidates(req)])
 
 
 def _best(req: Any, plan: list[Any], outs: list[Completion]) -> tuple[list[Any], list[Completion]]:
