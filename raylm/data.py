@@ -340,16 +340,20 @@ def build_datasets(spec: JobSpec, tok: PreTrainedTokenizerBase) -> Datasets:
     return Datasets(train, evals, labels)
 
 
-def steps_per_epoch(n_examples: int, spec: JobSpec, world_size: int) -> int:
-    """Optimizer steps in one epoch; every worker runs the same number (collectives need it)."""
-    micro = spec.training.micro_batch_size
-    return n_examples // (micro * world_size) // spec.training.grad_accum
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    """Optimizer steps in one epoch of `global_batch`-example steps; every worker runs the same
+    number (collectives need it), whatever the worker count."""
+    return n_examples // global_batch
 
 
 def shard_indices(
     n: int, rank: int, world_size: int, epoch: int, seed: int, per_rank: int
 ) -> list[int]:
-    """This worker's `per_rank` example indices for `epoch`: a seeded shuffle, split by rank."""
+    """This worker's `per_rank` example indices for `epoch`: a seeded shuffle, split by rank.
+
+    Strided, so optimizer step s of any worker count takes positions [s·G, (s+1)·G) of the
+    shuffle (G the global batch) when each worker accumulates G / (micro × world) micro batches:
+    a run resumed on another worker count continues at the same example."""
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order[rank::world_size][:per_rank]

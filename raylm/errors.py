@@ -80,11 +80,16 @@ def shown_value(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# The tags of the job file's tagged unions (`scaling.num_workers`: a count or a min/max range):
+# pydantic puts them in an error's location, a person reads the field's own path.
+UNION_TAGS = frozenset({"count", "range"})
+
+
 def format_error(err: dict[str, Any], prefix: str = "", limit: int = 80) -> tuple[str, str]:
     """One pydantic error (from `ValidationError.errors()`) as (dotted path, readable line):
     `path=value: message`, `path: unknown key (value …); check the spelling` or
     `path: required field is missing`. `prefix` is put before the path (e.g. `serve.`)."""
-    path = prefix + ".".join(str(p) for p in err["loc"])
+    path = prefix + ".".join(str(p) for p in err["loc"] if p not in UNION_TAGS)
     where = path or "(top level)"
     if err["type"] == "extra_forbidden":
         return (

@@ -64,17 +64,68 @@ def tiny_job(tmp_path: Any, **sections: Any) -> dict[str, Any]:
     return job
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray with 2 CPUs, shared by every `ray` test; yields its GCS address."""
-    import ray
+class _Rays:
+    """The one Ray this test process is connected to: the 2-CPU local Ray most `ray` tests share,
+    or a multi-node `ray.cluster_utils.Cluster` (tests/test_multinode_ray.py). Asking for the
+    other kind shuts the current one down first, so test modules may run in any order."""
 
-    # With its dashboard: Ray Train frees a killed run's placement group through the State API,
-    # which the dashboard serves; without it a killed run's resources leak (kill/resume tests).
-    # "local": a Ray of the test session's own, whatever head Ray's current-cluster file names.
-    ray.init(address="local", num_cpus=2, log_to_driver=True)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.cluster: Any = None
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        self.kind = None
+
+    def local(self) -> str:
+        import ray
+
+        if self.kind != "local":
+            self.shutdown()
+            # With its dashboard: Ray Train frees a killed run's placement group through the
+            # State API, which the dashboard serves; without it a killed run's resources leak
+            # (kill/resume tests). "local": a Ray of the test session's own, whatever head
+            # Ray's current-cluster file names.
+            ray.init(address="local", num_cpus=2, log_to_driver=True)
+            self.kind = "local"
+        return ray.get_runtime_context().gcs_address
+
+    def multi_node(self, workers: int) -> Any:
+        """A head with no CPUs (the driver, Train controllers and Serve's controller and proxy
+        live there) and `workers` worker nodes of 1 CPU each, each its own raylet."""
+        import ray
+        from ray.cluster_utils import Cluster
+
+        if self.kind != "multi":
+            self.shutdown()
+            self.cluster = Cluster(
+                initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True}
+            )
+            for _ in range(workers):
+                self.cluster.add_node(num_cpus=1)
+            ray.init(address=self.cluster.address, log_to_driver=True)
+            self.cluster.wait_for_nodes()
+            self.kind = "multi"
+        return self.cluster
+
+
+@pytest.fixture(scope="session")
+def rays():
+    """The session's Ray switch (see _Rays); shuts down whatever runs at the end."""
+    r = _Rays()
+    yield r
+    r.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(rays):
+    """A real local Ray with 2 CPUs, shared by the `ray` tests; yields its GCS address."""
+    return rays.local()
 
 
 def endless_llama(directory: Any) -> str:

@@ -30,13 +30,14 @@ def test_cluster_yaml_validates_against_rays_cluster_schema():
 def test_cluster_yaml_has_a_cpu_head_gpu_workers_and_installs_raylm():
     config = load()
     types = config["available_node_types"]
-    head, workers = (
-        types[config["head_node_type"]],
-        [t for n, t in types.items() if n != config["head_node_type"]],
-    )
-    assert "GPU" not in head["resources"] and len(workers) == 1
-    gpu = workers[0]
-    assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
-    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # an AWS GPU family
+    head = types[config["head_node_type"]]
+    assert "GPU" not in head["resources"]
+    assert set(types) == {config["head_node_type"], "gpu_worker", "gpu_spot_worker"}
+    for name in ("gpu_worker", "gpu_spot_worker"):
+        gpu = types[name]
+        assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
+        assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # an AWS GPU family
+    spot = types["gpu_spot_worker"]["node_config"]["InstanceMarketOptions"]
+    assert spot["MarketType"] == "spot" and "MarketType" not in str(types["gpu_worker"])
     assert any("pip install" in c and "raylm" in c for c in config["setup_commands"])
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])

@@ -102,8 +102,32 @@ def test_shards_are_disjoint_equal_and_reshuffled_per_epoch():
 
 
 def test_steps_per_epoch_counts_full_global_batches():
-    spec = spec_from_dict({"training": {"micro_batch_size": 4, "grad_accum": 2}})
-    assert steps_per_epoch(100, spec, world_size=2) == 100 // 8 // 2
+    assert steps_per_epoch(100, 16) == 6
+    assert steps_per_epoch(15, 16) == 0
+
+
+@pytest.mark.parametrize("worlds", [(1, 2), (2, 3), (1, 3)])
+def test_a_step_takes_the_same_examples_on_any_worker_count(worlds):
+    """Step s of a G-example global batch covers shuffle positions [s·G, (s+1)·G) whether 1, 2 or
+    more workers make it (each accumulating G / (micro × world) micro batches): a run resumed
+    on another worker count continues at the same example, none repeated or skipped."""
+    micro, global_batch, n, steps = 2, 12, 100, 8
+
+    def examples_per_step(world: int) -> list[set[int]]:
+        accum = global_batch // (micro * world)
+        shards = [
+            shard_indices(n, r, world, epoch=0, seed=3, per_rank=steps * accum * micro)
+            for r in range(world)
+        ]
+        return [
+            {i for shard in shards for i in shard[s * accum * micro : (s + 1) * accum * micro]}
+            for s in range(steps)
+        ]
+
+    a, b = (examples_per_step(w) for w in worlds)
+    assert a == b
+    assert all(len(step) == global_batch for step in a)
+    assert len(set().union(*a)) == steps * global_batch
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet", "disk"])

@@ -13,11 +13,12 @@ from raylm.tasks import TASKS, format_metrics
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load(args)
     tr, sc, ds = spec.training, spec.scaling, spec.deepspeed
+    workers = f"{sc.min_workers}–{sc.max_workers}" if sc.elastic else str(sc.max_workers)
     print(
         f"ok: {args.job} → job {spec.name!r}: {spec.model.name_or_path} ({spec.model.task}), "
         f"{'LoRA r=' + str(spec.lora.r) if spec.lora.enabled else 'full fine-tuning'}, "
-        f"ZeRO-{ds.zero_stage}, {sc.num_workers} worker(s){' on GPU' if sc.use_gpu else ''}, "
-        f"global batch {tr.micro_batch_size * tr.grad_accum * sc.num_workers}, {spec.precision}"
+        f"ZeRO-{ds.zero_stage}, {workers} worker(s){' on GPU' if sc.use_gpu else ''}, "
+        f"global batch {tr.micro_batch_size * tr.grad_accum * sc.max_workers}, {spec.precision}"
     )
     return EXIT_OK
 

@@ -60,16 +60,34 @@ def device_problems(spec: JobSpec) -> list[Problem]:
 
 
 def batch_problems(spec: JobSpec) -> list[Problem]:
-    """A `global_batch_size` that the micro batch, accumulation and workers do not make."""
-    tr, workers = spec.training, spec.scaling.num_workers
-    per_step = tr.micro_batch_size * tr.grad_accum * workers
-    if tr.global_batch_size is None or tr.global_batch_size == per_step:
-        return []
-    why = (
-        f"must equal micro_batch_size ({tr.micro_batch_size}) × grad_accum ({tr.grad_accum}) "
-        f"× scaling.num_workers ({workers}) = {per_step}"
-    )
-    return [(["training", "global_batch_size"], tr.global_batch_size, why)]
+    """A `global_batch_size` that the micro batch, accumulation and workers do not make; an
+    elastic worker range that is upside down or whose sizes cannot keep the global batch."""
+    tr, sc = spec.training, spec.scaling
+    out: list[Problem] = []
+    per_step = tr.micro_batch_size * tr.grad_accum * sc.max_workers
+    if tr.global_batch_size is not None and tr.global_batch_size != per_step:
+        why = (
+            f"must equal micro_batch_size ({tr.micro_batch_size}) × grad_accum ({tr.grad_accum}) "
+            f"× scaling.num_workers ({sc.max_workers}) = {per_step}"
+        )
+        out.append((["training", "global_batch_size"], tr.global_batch_size, why))
+    if sc.min_workers > sc.max_workers:
+        why = f"must be at most num_workers.max ({sc.max_workers})"
+        return out + [(["scaling", "num_workers", "min"], sc.min_workers, why)]
+    # An elastic run keeps the global batch at every size it may shrink to by raising
+    # grad_accum, so each size must divide the batch's micro batches evenly.
+    uneven = [
+        w for w in range(sc.min_workers, sc.max_workers) if (tr.grad_accum * sc.max_workers) % w
+    ]
+    if uneven:
+        why = (
+            f"the global batch of {per_step} (micro_batch_size {tr.micro_batch_size} × grad_accum "
+            f"{tr.grad_accum} × {sc.max_workers} workers) cannot be kept on "
+            f"{', '.join(map(str, uneven))} worker(s): grad_accum × max must be divisible by "
+            "every worker count from min to max (raise grad_accum or narrow the range)"
+        )
+        out.append((["scaling", "num_workers"], sc.num_workers.model_dump(), why))
+    return out
 
 
 def lora_problems(spec: JobSpec) -> list[Problem]:

@@ -4,9 +4,17 @@ so a section or a whole job that validates is usable as it stands."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from raylm.builtins import ARITHMETIC, TINY_LLAMA
 from raylm.errors import Problem, raise_problems
@@ -200,14 +208,57 @@ class DeepSpeedSpec(Section):
     )
 
 
+class WorkerRange(Section):
+    """Elastic worker count: Ray Train runs with as many workers as the cluster has room for."""
+
+    min: int = Field(..., ge=1, description="Fewest workers the run continues with.")
+    max: int = Field(..., ge=1, description="Most workers; the global batch is set at this size.")
+
+
+def _count_or_range(value: Any) -> str:
+    """Which form `scaling.num_workers` takes: a mapping is a range, anything else a count."""
+    return "range" if isinstance(value, (dict, WorkerRange)) else "count"
+
+
 class ScalingSpec(Section):
-    num_workers: int = Field(2, ge=1, description="Training workers (one process each).")
+    num_workers: Annotated[
+        Annotated[Annotated[int, Field(ge=1)], Tag("count")] | Annotated[WorkerRange, Tag("range")],
+        Discriminator(_count_or_range),
+    ] = Field(
+        2,
+        description="Training workers (one process each), or `{min: 1, max: 4}` for an elastic "
+        "run that shrinks when a node is lost and grows back when one returns, keeping the "
+        "global batch (micro_batch_size × grad_accum × max) by raising grad_accum.",
+    )
+    elastic_resize_monitor_interval_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="Elastic runs: how often Ray Train checks whether more workers fit "
+        "(growing restarts the workers from the last checkpoint).",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement strategy for the workers."
     )
+
+    @property
+    def min_workers(self) -> int:
+        """Fewest workers a run continues with (num_workers when fixed)."""
+        n = self.num_workers
+        return n if isinstance(n, int) else n.min
+
+    @property
+    def max_workers(self) -> int:
+        """Most workers a run uses: the size the job's global batch is set at."""
+        n = self.num_workers
+        return n if isinstance(n, int) else n.max
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change during the run."""
+        return self.min_workers != self.max_workers
 
 
 class CheckpointSpec(Section):
@@ -217,8 +268,29 @@ class CheckpointSpec(Section):
 
 
 class FailureSpec(Section):
+    """Ray Train's FailureConfig, under its own names."""
+
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = unlimited)."
+    )
+    max_preemption_failures: int = Field(
+        -1,
+        ge=-1,
+        description="Restarts after a node preemption (a drain notice with a deadline, e.g. a "
+        "spot reclaim), counted apart from max_failures (-1 = unlimited). On the notice raylm "
+        "saves a checkpoint at the current step, so a preemption loses no step.",
+    )
+    relax_collectives_on_preemption: bool = Field(
+        False,
+        description="Let the surviving workers commit the preemption checkpoint without the "
+        "preempted ones (when a checkpoint may outlast the drain window).",
+    )
+    preemption_grace_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds the surviving workers may run past the preemption deadline "
+        "before Ray Train restarts the run.",
     )
 
 
@@ -362,6 +434,11 @@ class ServeSpec(Section):
     )
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0 for all).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="Where Serve runs HTTP proxies: on every node with a replica (Ray's default; "
+        "a load balancer in front spreads clients over them) or on the head only.",
+    )
     multi_lora: bool = Field(
         True,
         description="Serving a swept job also serves its top-k trial adapters "

@@ -235,7 +235,7 @@ def start(plan: ServePlan, wait_s: float = 60.0) -> str:
 
     s = plan.spec
     digest = api_key_digest(s)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port})
     serve.run(build_app(plan.models, s, digest), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(s)
     wait_http(url + "/health", wait_s)

@@ -54,6 +54,24 @@ def build_lr_schedule(spec: JobSpec, total_steps: int) -> dict[str, Any]:
     }
 
 
+def job_global_batch(spec: JobSpec) -> int:
+    """Examples per optimizer step: micro batch × grad accumulation × the most workers."""
+    tr = spec.training
+    return tr.micro_batch_size * tr.grad_accum * spec.scaling.max_workers
+
+
+def grad_accum_at(spec: JobSpec, world_size: int, global_batch: int) -> int:
+    """Micro batches each of `world_size` workers accumulates so one optimizer step stays
+    `global_batch` examples; raises ValueError when that size cannot make it."""
+    per_pass = spec.training.micro_batch_size * world_size
+    if global_batch % per_pass:
+        raise ValueError(
+            f"a global batch of {global_batch} cannot be split over {world_size} worker(s) of "
+            f"micro_batch_size {spec.training.micro_batch_size}"
+        )
+    return global_batch // per_pass
+
+
 def build_optimizer(spec: JobSpec) -> dict[str, Any]:
     """The DeepSpeed `optimizer` section: AdamW.
 
@@ -71,13 +89,18 @@ def build_optimizer(spec: JobSpec) -> dict[str, Any]:
     return {"type": "AdamW", "params": params}
 
 
-def build_ds_config(spec: JobSpec, world_size: int, total_steps: int) -> dict[str, Any]:
+def build_ds_config(
+    spec: JobSpec, world_size: int, total_steps: int, global_batch: int | None = None
+) -> dict[str, Any]:
     """Returns the DeepSpeed config for `spec` on `world_size` workers over `total_steps` steps.
 
     train_batch_size is derived from micro batch × grad accumulation × world size, so the three
-    are always consistent; `deepspeed.config` from the job is merged over the result last.
+    are always consistent. With `global_batch` (an elastic or resized run) grad accumulation is
+    whatever keeps the step at that many examples. `deepspeed.config` from the job is merged
+    over the result last.
     """
     tr, ds = spec.training, spec.deepspeed
+    accum = tr.grad_accum if global_batch is None else grad_accum_at(spec, world_size, global_batch)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero["contiguous_gradients"] = True
@@ -94,8 +117,8 @@ def build_ds_config(spec: JobSpec, world_size: int, total_steps: int) -> dict[st
     precision = spec.precision
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": tr.micro_batch_size * accum * world_size,
         "gradient_clipping": tr.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},

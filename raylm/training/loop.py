@@ -4,6 +4,7 @@ progress and, every `eval_every` steps, evaluates and writes a checkpoint throug
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import statistics
@@ -20,27 +21,34 @@ from raylm.training.resume import free_name, resume_dir
 
 @dataclass
 class Plan:
-    """How many steps the run takes and when it evaluates."""
+    """How many steps the run takes, when it evaluates, and how each worker makes a step."""
 
     steps_per_epoch: int
     total_steps: int
     eval_every: int
+    global_batch: int
+    grad_accum: int
 
 
-def plan_steps(spec: JobSpec, n_train: int, world_size: int) -> Plan:
-    """Derives the step plan; raises ValueError if the data cannot fill one optimizer step."""
+def plan_steps(
+    spec: JobSpec, n_train: int, world_size: int, global_batch: int | None = None
+) -> Plan:
+    """Derives the step plan for `world_size` workers making steps of `global_batch` examples
+    (the job's own by default); raises ValueError if the data cannot fill one optimizer step
+    or the workers cannot split the batch."""
     from raylm.data import steps_per_epoch
+    from raylm.training.ds_config import grad_accum_at, job_global_batch
 
-    per_epoch = steps_per_epoch(n_train, spec, world_size)
+    batch = global_batch or job_global_batch(spec)
+    accum = grad_accum_at(spec, world_size, batch)
+    per_epoch = steps_per_epoch(n_train, batch)
     if per_epoch < 1:
-        tr = spec.training
-        need = tr.micro_batch_size * tr.grad_accum * world_size
         raise ValueError(
-            f"{n_train} training examples cannot fill one step of {need} "
+            f"{n_train} training examples cannot fill one step of {batch} "
             "(micro_batch_size × grad_accum × num_workers)"
         )
     total = spec.training.max_steps or per_epoch * spec.training.epochs
-    return Plan(per_epoch, total, spec.training.eval_every or min(per_epoch, total))
+    return Plan(per_epoch, total, spec.training.eval_every or min(per_epoch, total), batch, accum)
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Worker:
     model_path: str
     plan: Plan
     started: float
+    nodes: list[str] = field(default_factory=list)  # the Ray node id of each rank
 
     def eval_context(self, engine: Any) -> EvalContext:
         """The evaluators' view of this worker."""
@@ -75,6 +84,7 @@ class Progress:
     resumed: bool = False
     engine_ready: float = 0.0
     first_step_unix: float | None = None
+    preempted_at: int | None = None  # the step a preemption checkpoint was saved at
 
 
 class Window:
@@ -121,7 +131,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # One local copy of the checkpoint serves the weights (before DeepSpeed partitions them)
     # and the optimizer state (after): on cloud storage that is one download, not two.
     with resume_dir(ray.train.get_checkpoint(), worker.rank) as ckpt_dir:
+        worker = keep_global_batch(worker, ckpt_dir)
         progress = restore(worker, model, ckpt_dir)
+    say_world(worker)
     begin(worker, progress)
     train(worker, progress)
 
@@ -155,9 +167,67 @@ def setup(config: dict[str, Any]) -> tuple[Worker, Any]:
     model = build_model(spec, model_path, data.labels)
     plan = plan_steps(spec, len(data.train), ctx.get_world_size())
     worker = Worker(
-        spec, ctx.get_world_rank(), ctx.get_world_size(), tok, data, model_path, plan, started
+        spec,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        tok,
+        data,
+        model_path,
+        plan,
+        started,
+        gather_node_ids(),
     )
     return worker, model
+
+
+def gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective): where the run ran."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
+def keep_global_batch(worker: Worker, ckpt_dir: str | None) -> Worker:
+    """The worker, re-planned to the checkpoint's examples per step when the job now makes
+    another (it was resumed on a different worker count): the data position and LR schedule
+    continue where they were. Raises ValueError when this worker count cannot make it."""
+    from raylm.checkpoint import read_metadata
+
+    recorded = read_metadata(ckpt_dir).get("global_batch") if ckpt_dir else None
+    if not recorded or recorded == worker.plan.global_batch:
+        return worker
+    spec = worker.spec
+    try:
+        plan = plan_steps(spec, len(worker.data.train), worker.world, recorded)
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot resume: the checkpoint made steps of {recorded} examples, and {exc}; "
+            "resume with a worker count that divides it, or start a new run (a new name=)"
+        ) from exc
+    if worker.rank == 0:
+        print(
+            f"[raylm] keeping the checkpoint's {recorded} examples per step (the job now makes "
+            f"{worker.plan.global_batch}) so the data position and LR schedule continue",
+            flush=True,
+        )
+    return dataclasses.replace(worker, plan=plan)
+
+
+def say_world(worker: Worker) -> None:
+    """Says when this worker count makes its steps with another grad_accum than the job's."""
+    spec, plan = worker.spec, worker.plan
+    if worker.rank == 0 and plan.grad_accum != spec.training.grad_accum:
+        print(
+            f"[raylm] {worker.world} worker(s) (the job's most: {spec.scaling.max_workers}): "
+            f"grad_accum {plan.grad_accum} keeps {plan.global_batch} examples per step",
+            flush=True,
+        )
 
 
 def restore(worker: Worker, model: Any, ckpt_dir: str | None) -> Progress:
@@ -174,7 +244,9 @@ def restore(worker: Worker, model: Any, ckpt_dir: str | None) -> Progress:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=build_ds_config(worker.spec, worker.world, worker.plan.total_steps),
+        config=build_ds_config(
+            worker.spec, worker.world, worker.plan.total_steps, worker.plan.global_batch
+        ),
     )
     progress = Progress(engine)
     if ckpt_dir:
@@ -220,7 +292,7 @@ def train(worker: Worker, progress: Progress) -> None:
     from raylm.data import collate, shard_indices
 
     spec, plan, engine = worker.spec, worker.plan, progress.engine
-    micro, accum = spec.training.micro_batch_size, spec.training.grad_accum
+    micro, accum = spec.training.micro_batch_size, plan.grad_accum
     per_rank = plan.steps_per_epoch * accum * micro
     window = Window()
     while progress.step < plan.total_steps:
@@ -247,6 +319,7 @@ def train(worker: Worker, progress: Progress) -> None:
             now = window.step_done()
             progress.first_step_unix = progress.first_step_unix or now
             report(worker, progress, window)
+            save_if_preempted(worker, progress, window)
             if progress.step >= plan.total_steps:
                 break
         progress.epoch += 1
@@ -296,16 +369,21 @@ def _recorded(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_and_checkpoint(worker: Worker, progress: Progress, metrics: dict[str, Any]) -> None:
-    """Adds the eval metrics to `metrics`, writes a sealed checkpoint (rank 0 holds every file)
-    and reports both to Ray Train."""
+    """Adds the eval metrics to `metrics`, writes a sealed checkpoint and reports both."""
+    metrics.update(evaluate(worker.eval_context(progress.engine)))
+    progress.history.append(_recorded(metrics))
+    write_checkpoint(worker, progress, metrics)
+
+
+def write_checkpoint(worker: Worker, progress: Progress, metrics: dict[str, Any]) -> None:
+    """Writes a sealed checkpoint of this step (rank 0 holds every file) and reports it to Ray
+    Train with `metrics`."""
     import ray.train
 
     from raylm.checkpoint import seal
     from raylm.checkpoint.state import save_checkpoint, save_probe
 
     spec, step, ctx = worker.spec, progress.step, worker.eval_context(progress.engine)
-    metrics.update(evaluate(ctx))
-    progress.history.append(_recorded(metrics))
     probe_ids, probe_logits = probe(ctx)
     ends_epoch = step % worker.plan.steps_per_epoch == 0
     with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
@@ -334,6 +412,52 @@ def evaluate_and_checkpoint(worker: Worker, progress: Progress, metrics: dict[st
         )
 
 
+# Ray Train restarts a preempted run at the drain deadline, or this long after the notice
+# when the drain names none (Ray Train's DEFAULT_PREEMPTION_DEADLINE_S).
+NO_DEADLINE_WAIT_S = 120.0
+# How long past the deadline the workers wait for that restart before training on (a drain
+# that was cancelled, or a restart that never came).
+RESTART_MARGIN_S = 60.0
+
+
+def save_if_preempted(worker: Worker, progress: Progress, window: Window) -> None:
+    """On a preemption notice for a node of this run (a drain with a deadline: a spot reclaim),
+    saves a checkpoint at this step, says so, and waits for Ray Train to restart the run past
+    the deadline: steps taken after it would be lost with the node, so none are taken. Every
+    worker calls it after every step (ray.train.get_preemption_info is a collective)."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None or progress.preempted_at is not None:
+        return
+    spec, step = worker.spec, progress.step
+    metrics = {
+        "step": step,
+        "epoch": progress.epoch,
+        "total_steps": worker.plan.total_steps,
+        # Not evaluated (the drain window is short): ranks last, so never picked as the best.
+        spec.checkpoint.metric: float("nan"),
+        "preemption_checkpoint": 1,
+    }
+    write_checkpoint(worker, progress, metrics)
+    progress.preempted_at = step
+    now = time.time()
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else now + NO_DEADLINE_WAIT_S
+    if worker.rank == 0:
+        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+        print(
+            f"[raylm] node {nodes} (ranks {info.preempted_ranks}) is being preempted, deadline "
+            f"in {max(deadline - now, 0):.0f}s: checkpoint saved at step {step}; waiting for "
+            "Ray Train to restart the run from it",
+            flush=True,
+        )
+    until = deadline + spec.failure.preemption_grace_s + RESTART_MARGIN_S
+    while time.time() < until:
+        time.sleep(0.5)
+    window.clear()
+    window.restart()
+
+
 def checkpoint_metadata(
     worker: Worker, progress: Progress, metrics: dict[str, Any]
 ) -> dict[str, Any]:
@@ -352,5 +476,9 @@ def checkpoint_metadata(
         "data_format": spec.data.format,
         "template": spec.data.template,
         "world_size": worker.world,
+        "global_batch": worker.plan.global_batch,
+        "grad_accum": worker.plan.grad_accum,
+        "nodes": worker.nodes,
+        "preemption_checkpoint": "preemption_checkpoint" in metrics,
         "zero_stage": spec.deepspeed.zero_stage,
     }

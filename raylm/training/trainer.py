@@ -24,12 +24,14 @@ def progress_line(m: dict[str, Any], eta_s: float, saved: bool) -> str:
     parts = [f"step {m.get('step', 0)}/{m.get('total_steps', 0)}"]
     shown = [(k, metric.fmt) for k, metric in METRICS.items() if metric.in_progress]
     for key, fmt in [*shown, ("tokens_per_s", ".0f"), ("lr", ".2e")]:
-        if key in m:
+        if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]):
             parts.append(f"{key} {m[key]:{fmt}}")
     if math.isfinite(eta_s):
         parts.append(f"ETA {eta_s:.0f}s")
     if saved:
-        parts.append("checkpoint saved")
+        parts.append(
+            "preemption checkpoint saved" if m.get("preemption_checkpoint") else "checkpoint saved"
+        )
     return "[raylm] " + " | ".join(parts)
 
 
@@ -80,10 +82,11 @@ def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTra
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "env": worker_env(spec)},
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
+            num_workers=(sc.min_workers, sc.max_workers) if sc.elastic else sc.max_workers,
             use_gpu=sc.use_gpu,
             resources_per_worker=resources,
             placement_strategy=sc.placement_strategy,
+            elastic_resize_monitor_interval_s=sc.elastic_resize_monitor_interval_s,
         ),
         run_config=RunConfig(
             name=spec.name,
@@ -93,7 +96,7 @@ def build_trainer(spec: JobSpec, callbacks: list[Any] | None = None) -> TorchTra
                 checkpoint_score_attribute=spec.checkpoint.metric,
                 checkpoint_score_order=spec.checkpoint.mode,
             ),
-            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            failure_config=FailureConfig(**spec.failure.model_dump()),
             callbacks=callbacks if callbacks is not None else [_progress_callback()],
         ),
     )

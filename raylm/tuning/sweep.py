@@ -12,6 +12,7 @@ Layout under `<storage_path>/<name>/`:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -70,12 +71,14 @@ def _eval_reports_to_tune(metric: str) -> Any:
 
     class EvalReportsToTune(TuneReportCallback):
         """Forwards only reports that carry the sweep metric: ASHA compares trials on evals,
-        and a progress report without the metric would stop the scheduler."""
+        and a progress report without the metric would stop the scheduler. A preemption
+        checkpoint carries it as NaN (not evaluated) and is not forwarded either."""
 
         def after_report(
             self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
         ) -> None:
-            if metrics and metric in metrics[0]:
+            value = metrics[0].get(metric) if metrics else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
                 super().after_report(run_context, metrics, checkpoint)
 
     return EvalReportsToTune()
@@ -100,10 +103,17 @@ def default_concurrency(spec: JobSpec) -> int:
 
     sc = spec.scaling
     total = ray.cluster_resources()
-    fits = [total.get("CPU", 0) // (sc.num_workers * sc.cpus_per_worker + TRIAL_DRIVER_CPUS)]
+    fits = [total.get("CPU", 0) // (sc.max_workers * sc.cpus_per_worker + TRIAL_DRIVER_CPUS)]
     if sc.use_gpu:
-        fits.append(total.get("GPU", 0) // (sc.num_workers * sc.gpus_per_worker))
+        fits.append(total.get("GPU", 0) // (sc.max_workers * sc.gpus_per_worker))
     return max(1, int(min(fits)))
+
+
+def trial_retries(spec: JobSpec) -> int:
+    """Times Tune retries a trial that failed: the job's max_failures, at least 1 — a trial
+    driver lost with its node is a node failure, and the retry resumes from a checkpoint."""
+    n = spec.failure.max_failures
+    return -1 if n == -1 else max(n, 1)
 
 
 def build_trial_scheduler(spec: JobSpec) -> Any:
@@ -175,7 +185,13 @@ def build_tuner(spec: JobSpec, resume: bool = False) -> Any:
             search_alg=build_search_alg(spec),
         ),
         run_config=tune.RunConfig(
-            name="tuner", storage_path=root, callbacks=[sweep_progress(spec)], verbose=0
+            name="tuner",
+            storage_path=root,
+            callbacks=[sweep_progress(spec)],
+            verbose=0,
+            # A trial whose driver went down with its node is retried; its trainer resumes from
+            # the trial's last checkpoint, so only the progress since then is lost.
+            failure_config=tune.FailureConfig(max_failures=trial_retries(spec)),
         ),
     )
 
