@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from raylm.job import spec_from_dict
-from raylm.training.ds_config import build_ds_config, warmup_steps
+from raylm.training.ds_config import (
+    build_ds_config,
+    grad_accum_at,
+    job_global_batch,
+    warmup_steps,
+)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -339,3 +344,41 @@ def test_warm_ops_without_offload_skips_cpu_adam_and_missing_or_incompatible_ops
     accelerator = _fake_accelerator(monkeypatch, {"CPUAdamBuilder": _Builder("adam", True, loaded)})
     assert warm_ops(offload=True) == ["deepspeed.ops.adam"]
     assert accelerator.asked == ["ShareMemCommBuilder", "CPUAdamBuilder"]
+
+
+def test_fewer_workers_accumulate_more_to_keep_the_global_batch():
+    spec = spec_from_dict(
+        {
+            "training": {"micro_batch_size": 4, "grad_accum": 3},
+            "scaling": {"num_workers": {"min": 1, "max": 4}},
+        }
+    )
+    assert job_global_batch(spec) == 48
+    assert [grad_accum_at(spec, w, 48) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    with pytest.raises(ValueError, match="global batch of 32 cannot be split over 3 worker"):
+        grad_accum_at(spec, 3, 32)  # a resumed run's batch that this worker count cannot make
+    config = build_ds_config(spec, 2, 10, global_batch=48)
+    assert config["gradient_accumulation_steps"] == 6 and config["train_batch_size"] == 48
+    # Without a global batch the job's own accumulation is used, whatever the worker count.
+    plain = build_ds_config(spec, 2, 10)
+    assert plain["gradient_accumulation_steps"] == 3 and plain["train_batch_size"] == 24
+
+
+def test_the_step_plan_is_the_same_on_any_worker_count_that_keeps_the_global_batch():
+    from raylm.training.loop import plan_steps
+
+    spec = spec_from_dict(
+        {
+            "training": {"micro_batch_size": 4, "grad_accum": 1, "epochs": 2, "eval_every": 5},
+            "scaling": {"num_workers": {"min": 1, "max": 2}},
+        }
+    )
+    two, one = plan_steps(spec, 100, 2), plan_steps(spec, 100, 1)
+    assert (two.global_batch, two.grad_accum, one.global_batch, one.grad_accum) == (8, 1, 8, 2)
+    assert (one.steps_per_epoch, one.total_steps) == (two.steps_per_epoch, two.total_steps)
+    assert (two.steps_per_epoch, two.total_steps, two.eval_every) == (12, 24, 5)
+    # A resumed run keeps its checkpoint's batch: 16 per step on one worker is 4 micro batches.
+    kept = plan_steps(spec, 100, 1, global_batch=16)
+    assert (kept.grad_accum, kept.steps_per_epoch) == (4, 6)
+    with pytest.raises(ValueError, match="cannot fill one step of 8"):
+        plan_steps(spec, 7, 2)

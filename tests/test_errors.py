@@ -113,6 +113,20 @@ def test_format_error_names_path_and_value():
     assert format_error(err) == ("lora.r", "lora.r=0: must be > 0")
 
 
+def test_format_error_leaves_out_the_tags_of_a_tagged_union():
+    """`scaling.num_workers` is a count or a {min, max} range: pydantic names the branch in the
+    error's location; the message names the field as the job file spells it."""
+    err = {
+        "type": "greater_than_equal",
+        "loc": ("scaling", "num_workers", "range", "min"),
+        "msg": "Input should be greater than or equal to 1",
+        "input": 0,
+    }
+    assert format_error(err)[0] == "scaling.num_workers.min"
+    err["loc"] = ("scaling", "num_workers", "count")
+    assert format_error(err)[1].startswith("scaling.num_workers=0: ")
+
+
 def test_format_error_drops_pydantics_value_error_prefix():
     err = {"type": "value_error", "loc": ("a",), "msg": "Value error, too big", "input": 9}
     assert format_error(err) == ("a", "a=9: too big")

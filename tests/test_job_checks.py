@@ -137,6 +137,33 @@ def test_global_batch_size_must_be_the_product_of_micro_batch_accumulation_and_w
     assert batch_problems(s) == []
 
 
+def test_an_elastic_range_sets_the_global_batch_at_its_max_and_must_keep_it_at_every_size():
+    s = spec(
+        training={"micro_batch_size": 2, "grad_accum": 3, "global_batch_size": 24},
+        scaling={"num_workers": {"min": 1, "max": 4}},
+    )
+    # 3 × 4 micro batches per step split evenly over 1, 2, 3 or 4 workers.
+    assert (s.scaling.min_workers, s.scaling.max_workers, s.scaling.elastic) == (1, 4, True)
+    assert batch_problems(s) == []
+    s.training.grad_accum = 1  # 4 micro batches: not over 3 workers
+    s.training.global_batch_size = None
+    [(path, value, why)] = batch_problems(s)
+    assert (path, value) == (["scaling", "num_workers"], {"min": 1, "max": 4})
+    assert why.startswith("the global batch of 8 (micro_batch_size 2 × grad_accum 1 × 4 workers)")
+    assert "cannot be kept on 3 worker(s)" in why
+    s.scaling.num_workers.min = 4  # a range of one size: nothing to keep
+    assert batch_problems(s) == [] and not s.scaling.elastic
+    s.scaling.num_workers.min = 5
+    assert batch_problems(s) == [
+        (["scaling", "num_workers", "min"], 5, "must be at most num_workers.max (4)")
+    ]
+
+
+def test_a_fixed_worker_count_is_its_own_min_and_max():
+    s = spec(scaling={"num_workers": 3})
+    assert (s.scaling.min_workers, s.scaling.max_workers, s.scaling.elastic) == (3, 3, False)
+
+
 # -- LoRA -----------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from raylm.checkpoint import read_metadata
 from tests.conftest import tiny_job
-from tests.test_train_ray import FRESH_LOAD
+from tests.test_train_ray import FRESH_LOAD, assert_trained
 
 pytestmark = pytest.mark.ray
 
@@ -156,9 +156,21 @@ def zero3_across_nodes(cluster, tmp_path_factory):
     run = Background(spec)
     first = checkpoint_at(run_dir, 10)
     lost = node_of_rank(first, 1)
+    at_loss = set(train_worker_actors())
     t_lost = time.monotonic()
     remove_node(cluster, lost)
     cluster.add_node(num_cpus=1)
+
+    def restarted() -> bool:
+        from ray.util.state import list_actors
+
+        alive = list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=1000
+        )
+        return len([a for a in alive if a.actor_id not in at_loss]) == 2
+
+    wait_for("two restarted workers", restarted, 300)
+    t_again = time.monotonic() - t_lost
     result = run.wait()
     actors = {k: v for k, v in train_worker_actors().items() if k not in before}
     return {
@@ -167,13 +179,17 @@ def zero3_across_nodes(cluster, tmp_path_factory):
         "lost": lost,
         "first": first,
         "actors": actors,
-        "t_lost": t_lost,
+        "t_again": t_again,
         "run_dir": run_dir,
     }
 
 
 def test_zero3_lora_spans_two_nodes_and_loads_in_plain_transformers_and_peft(zero3_across_nodes):
+    """Also the ZeRO-3 LoRA run of the training tier: it learns, its files are safetensors, and
+    the adapter gathered across nodes loads with the logits the engine gave at that step."""
     first, result = zero3_across_nodes["first"], zero3_across_nodes["result"]
+    assert_trained(result, lora=True)
+    assert read_metadata(result.checkpoint)["zero_stage"] == 3
     import ray
 
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -190,6 +206,7 @@ def test_zero3_lora_spans_two_nodes_and_loads_in_plain_transformers_and_peft(zer
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["raylm_imported"] is False
     assert report["diff"] < 1e-4, report  # the gather across nodes gave the engine's weights
     assert report["adapter_effect"] > 1e-2, report
 
@@ -208,6 +225,10 @@ def test_a_lost_node_restarts_the_run_from_its_last_checkpoint_on_a_replacement(
     assert lost not in final["nodes"] and len(set(final["nodes"])) == 2, final["nodes"]
     nodes_used = set(zero3_across_nodes["actors"].values())
     assert len(zero3_across_nodes["actors"]) == 4 and len(nodes_used) == 3, nodes_used
+    print(
+        f"multinode: node lost → 2 workers running again {zero3_across_nodes['t_again']:.0f}s "
+        f"later (a replacement node added at once); resumed at step {final['resumes'][0]}"
+    )
 
 
 def test_an_elastic_run_shrinks_to_one_worker_on_node_loss_and_grows_back(
@@ -339,8 +360,9 @@ def test_a_sweep_spreads_over_both_nodes_and_a_lost_node_costs_only_unsaved_step
     cluster, tmp_path
 ):
     """Two trials at a time, one per worker node; once each has a checkpoint, one node is lost
-    and a new one joins. The trial that was there resumes from its own last checkpoint (not from
-    step 0), the sweep finishes every trial and promotes the best."""
+    and a new one joins. A trial that was there (its training worker, or its Tune driver, which
+    Ray may place on either node) resumes from its own last checkpoint, not from step 0; the
+    sweep finishes every trial and promotes the best."""
     ensure_worker_nodes(cluster, 2)
     spec = job(
         tmp_path,
@@ -361,11 +383,10 @@ def test_a_sweep_spreads_over_both_nodes_and_a_lost_node_costs_only_unsaved_step
     def both_checkpointed() -> list[dict[str, Any]] | None:
         if not os.path.isdir(trials):
             return None
-        firsts = [
-            checkpoints(os.path.join(trials, t)).get("checkpoint_0000020")
-            for t in sorted(os.listdir(trials))
-        ]
-        return firsts if len(firsts) == 2 and all(firsts) else None
+        runs = [os.path.join(trials, t) for t in sorted(os.listdir(trials))]
+        if len(runs) != 2 or not all(registered(r, "checkpoint_0000020") for r in runs):
+            return None
+        return [checkpoints(r)["checkpoint_0000020"] for r in runs]
 
     run = Background(spec, sweep=True)
     firsts = wait_for("both trials past step 20", both_checkpointed, 400)
@@ -377,12 +398,14 @@ def test_a_sweep_spreads_over_both_nodes_and_a_lost_node_costs_only_unsaved_step
     result = run.wait()
     assert len(result.rows) == 2 and all(r["step"] == 60 for r in result.rows), result.rows
     finals = [read_metadata(r["checkpoint"]) for r in result.rows]
-    # Only the trial on the lost node restarted, from its own checkpoint, on the other nodes.
+    # Every trial the lost node held (its worker or its Tune driver) resumed from its own last
+    # checkpoint, past step 0, on the nodes left; none started over or repeated a step.
     hit = [m for m in finals if m["resumes"]]
-    assert len(hit) == 1 and hit[0]["resumes"][0] >= 20, [m["resumes"] for m in finals]
-    assert lost not in hit[0]["nodes"]
-    steps = steps_of(hit[0]["history"])
-    assert steps == sorted(set(steps)), steps
+    assert hit and all(m["resumes"][0] >= 20 for m in hit), [m["resumes"] for m in finals]
+    assert all(lost not in m["nodes"] for m in hit)
+    for m in finals:
+        steps = steps_of(m["history"])
+        assert steps == sorted(set(steps)) and steps[-1] == 60, steps
     assert result.manifest["checkpoint"] == result.rows[0]["checkpoint"]
 
 
@@ -468,9 +491,16 @@ def test_replicas_on_both_nodes_and_a_lost_node_fails_no_request(cluster, served
     assert len(done) == total and failures == [], failures[:3]
     assert len(set(answers)) == 1  # greedy: every replica gives the same answer
     wait_for("2 running replicas again", lambda: running_replicas() == 2, 180)
-    after = {a.node_id for a in model_replicas()}
+
+    def replaced() -> set[str] | None:
+        # Back to 2 replica actors, none on the lost node (both may now share the surviving
+        # node: Serve spreads replicas when it can, and 2 × 0.5 CPU fit on one).
+        live = model_replicas()
+        return {a.node_id for a in live} if len(live) == 2 else None
+
+    after = wait_for("2 live replica actors", replaced, 60)
     t_back = time.monotonic() - t_lost
-    assert lost not in after and len(after) == 2 and head not in after, after
+    assert lost not in after and head not in after, after
     print(
         f"multinode: serve: node lost with {total - done_at_loss}/{total} requests left "
         f"({clients} clients): failed {len(failures)}; 2 replicas again {t_back:.0f}s later"

@@ -87,17 +87,6 @@ def test_zero1_and_cpu_offload_train_and_resume(ray_cluster, tmp_path, deepspeed
     assert last["eval_loss"] < 0.7 * first["eval_loss"], (first, last)
 
 
-@pytest.fixture(scope="module")
-def zero3_result(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zero3")
-    return run_train(spec_from_dict(tiny_job(tmp, name="z3lora", deepspeed={"zero_stage": 3})))
-
-
-def test_zero3_lora_training_lowers_eval_loss(zero3_result):
-    assert_trained(zero3_result, lora=True)
-    assert read_metadata(zero3_result.checkpoint)["zero_stage"] == 3
-
-
 FRESH_LOAD = r"""
 import json, sys, torch
 from peft import PeftModel
@@ -119,21 +108,6 @@ print(json.dumps({
     "raylm_imported": "raylm" in sys.modules,
 }))
 """
-
-
-def test_zero3_checkpoint_loads_with_plain_transformers_and_peft(zero3_result):
-    out = subprocess.run(
-        [sys.executable, "-c", FRESH_LOAD, zero3_result.checkpoint],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd="/",
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["raylm_imported"] is False
-    assert report["diff"] < 1e-4, report  # same logits as the engine gave at that step
-    assert report["adapter_effect"] > 1e-2, report  # and the adapter really changed them
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
