@@ -9,6 +9,7 @@ old run aside rather than deleting it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +64,7 @@ def gate_failures(promote_if: dict[str, dict[str, float]], metrics: dict[str, An
     out = []
     for name, bounds in promote_if.items():
         value = metrics.get(name)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             out.append(f"{name} was not reported by this run (metrics: {sorted(metrics)})")
             continue
         if "min" in bounds and value < bounds["min"]:

@@ -27,6 +27,7 @@ from raylm.job.checks import (
     task_problems,
     tune_problems,
 )
+from raylm.job.sections import WorkerRange
 
 SEARCH_KINDS = ["loguniform", "uniform", "choice", "grid"]
 
@@ -156,6 +157,17 @@ def test_an_elastic_range_sets_the_global_batch_at_its_max_and_must_keep_it_at_e
     s.scaling.num_workers.min = 5
     assert batch_problems(s) == [
         (["scaling", "num_workers", "min"], 5, "must be at most num_workers.max (4)")
+    ]
+
+
+def test_an_elastic_run_refuses_a_raw_deepspeed_batch_setting():
+    s = spec(deepspeed={"config": {"gradient_accumulation_steps": 4, "train_batch_size": 64}})
+    assert batch_problems(s) == []  # a fixed count: the raw config is the user's to set
+    s.scaling.num_workers = WorkerRange(min=1, max=2)
+    paths = [p for p, _, _ in batch_problems(s)]
+    assert paths == [
+        ["deepspeed", "config", "gradient_accumulation_steps"],
+        ["deepspeed", "config", "train_batch_size"],
     ]
 
 

@@ -327,10 +327,17 @@ def test_a_preemption_notice_saves_a_checkpoint_at_that_step_and_loses_no_step(
         timeout=60,
     )
 
-    def preemption_checkpoint() -> Any:
-        return next((m for m in checkpoints(run_dir).values() if m["preemption_checkpoint"]), None)
+    said: list[str] = []
 
-    saved = wait_for("the preemption checkpoint", preemption_checkpoint, 60)
+    def saved_step() -> int | None:
+        """The step of rank 0's `checkpoint saved at step N; waiting` line, once it is said (at an
+        eval step the eval checkpoint of that step is the one kept; none is written twice)."""
+        out = capfd.readouterr()
+        said.append(out.out + out.err)
+        found = re.search(r"checkpoint saved at step (\d+); waiting", "".join(said))
+        return int(found.group(1)) if found else None
+
+    step = wait_for("the preemption checkpoint", saved_step, 60)
     t_saved = time.monotonic() - t_notice
     # The drained node takes no new work; the restart needs a second node. (A cloud would now
     # take the drained node away; here it stays until the run is done, hosting nothing.)
@@ -339,12 +346,15 @@ def test_a_preemption_notice_saves_a_checkpoint_at_that_step_and_loses_no_step(
     t_done = time.monotonic() - t_notice
     remove_node(cluster, victim)
     final = read_metadata(result.checkpoint)
-    step = saved["step"]
     assert final["step"] == 200 and final["resumes"] == [step], (final["resumes"], step)
     assert 20 <= step < 200 and t_saved < 20, (step, t_saved)
+    # Never the run's best: it was not evaluated.
+    assert result.best_checkpoint and not read_metadata(result.best_checkpoint).get(
+        "preemption_checkpoint"
+    )
     # Steps lost: progress reported past the preemption checkpoint before the resume.
     out = capfd.readouterr()
-    text = out.out + out.err
+    text = "".join(said) + out.out + out.err
     notice = text.index(f"checkpoint saved at step {step}")
     resumed = text.index(f"resumed from checkpoint at step {step}/200")
     between = [int(n) for n in re.findall(r"\[raylm\] step (\d+)/200", text[notice:resumed])]

@@ -23,6 +23,9 @@ def test_a_gate_passes_only_when_every_bound_holds():
     both = gate_failures({"eval_loss": {"min": 1.0, "max": 2.0}}, {"eval_loss": 0.5})
     assert len(both) == 1 and "below the minimum 1" in both[0]
     assert len(gate_failures(bounds, {"exact_match": 0.1, "eval_loss": 3.0})) == 2
+    # A metric that was not evaluated (a preemption checkpoint's NaN) never passes a bound.
+    nan = gate_failures(bounds, {"exact_match": float("nan"), "eval_loss": 1.0})
+    assert len(nan) == 1 and nan[0].startswith("exact_match was not reported")
 
 
 def test_a_metric_the_run_never_reported_fails_the_gate():

@@ -3,6 +3,7 @@ checkpoint a training run kept and the manifest of a sweep's promoted trial."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ def best_run_checkpoint(spec: JobSpec) -> str | None:
             value = read_metadata(d).get("metrics", {}).get(spec.checkpoint.metric)
         except FileNotFoundError:
             continue
-        if isinstance(value, (int, float)):
+        # A preemption checkpoint is not evaluated (no metric, or NaN in older runs): never best.
+        if isinstance(value, (int, float)) and math.isfinite(value):
             scored.append((value if spec.checkpoint.mode == "min" else -value, d))
     return min(scored)[1] if scored else None

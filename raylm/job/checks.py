@@ -87,6 +87,11 @@ def batch_problems(spec: JobSpec) -> list[Problem]:
             "every worker count from min to max (raise grad_accum or narrow the range)"
         )
         out.append((["scaling", "num_workers"], sc.num_workers.model_dump(), why))
+    # raylm sets these per worker count in an elastic run; a fixed value would break the batch.
+    for key in ("gradient_accumulation_steps", "train_batch_size"):
+        if sc.elastic and key in spec.deepspeed.config:
+            why = "an elastic run sets it for each worker count; set training.grad_accum instead"
+            out.append((["deepspeed", "config", key], spec.deepspeed.config[key], why))
     return out
 
 

@@ -226,7 +226,7 @@ class ScalingSpec(Section):
         Discriminator(_count_or_range),
     ] = Field(
         2,
-        description="Training workers (one process each), or `{min: 1, max: 4}` for an elastic "
+        description="Training workers (one process each), or `{min: 1, max: 2}` for an elastic "
         "run that shrinks when a node is lost and grows back when one returns, keeping the "
         "global batch (micro_batch_size × grad_accum × max) by raising grad_accum.",
     )
@@ -437,7 +437,8 @@ class ServeSpec(Section):
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode",
         description="Where Serve runs HTTP proxies: on every node with a replica (Ray's default; "
-        "a load balancer in front spreads clients over them) or on the head only.",
+        "with host 0.0.0.0 a load balancer in front can spread clients over them) or on the "
+        "head only.",
     )
     multi_lora: bool = Field(
         True,

@@ -5,6 +5,7 @@ progress and, every `eval_every` steps, evaluates and writes a checkpoint throug
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import statistics
@@ -85,6 +86,7 @@ class Progress:
     engine_ready: float = 0.0
     first_step_unix: float | None = None
     preempted_at: int | None = None  # the step a preemption checkpoint was saved at
+    checkpointed_at: int | None = None  # the step of the last checkpoint this attempt wrote
 
 
 class Window:
@@ -410,6 +412,7 @@ def write_checkpoint(worker: Worker, progress: Progress, metrics: dict[str, Any]
             checkpoint=ckpt,
             checkpoint_dir_name=free_name(run_uri(spec), f"checkpoint_{step:07d}"),
         )
+    progress.checkpointed_at = step
 
 
 # Ray Train restarts a preempted run at the drain deadline, or this long after the notice
@@ -418,6 +421,18 @@ NO_DEADLINE_WAIT_S = 120.0
 # How long past the deadline the workers wait for that restart before training on (a drain
 # that was cancelled, or a restart that never came).
 RESTART_MARGIN_S = 60.0
+
+
+def preemption_metrics(worker: Worker, progress: Progress) -> dict[str, Any]:
+    """What a preemption checkpoint reports: where it is, and the ranking metric as NaN (not
+    evaluated, the drain window is short), so Ray ranks it last and raylm never picks it."""
+    return {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "total_steps": worker.plan.total_steps,
+        worker.spec.checkpoint.metric: float("nan"),
+        "preemption_checkpoint": 1,
+    }
 
 
 def save_if_preempted(worker: Worker, progress: Progress, window: Window) -> None:
@@ -431,15 +446,10 @@ def save_if_preempted(worker: Worker, progress: Progress, window: Window) -> Non
     if info is None or progress.preempted_at is not None:
         return
     spec, step = worker.spec, progress.step
-    metrics = {
-        "step": step,
-        "epoch": progress.epoch,
-        "total_steps": worker.plan.total_steps,
-        # Not evaluated (the drain window is short): ranks last, so never picked as the best.
-        spec.checkpoint.metric: float("nan"),
-        "preemption_checkpoint": 1,
-    }
-    write_checkpoint(worker, progress, metrics)
+    if step >= worker.plan.total_steps:
+        return  # the run is done: it returns before the node goes, and Ray Train finishes it
+    if progress.checkpointed_at != step:  # unless an eval just wrote this step's checkpoint
+        write_checkpoint(worker, progress, preemption_metrics(worker, progress))
     progress.preempted_at = step
     now = time.time()
     deadline = info.deadline_ms / 1000 if info.deadline_ms else now + NO_DEADLINE_WAIT_S
@@ -463,10 +473,14 @@ def checkpoint_metadata(
 ) -> dict[str, Any]:
     """The checkpoint's raylm.json: what produced it, how it scored, and how to prompt it."""
     spec = worker.spec
+    # JSON has no NaN: a metric that was not evaluated is written as null.
+    finite = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()
+    }
     return {
         "job": spec.name,
         "step": progress.step,
-        "metrics": metrics,
+        "metrics": finite,
         "history": progress.history,
         "resumes": progress.resumes,
         "spec": spec.model_dump(mode="json"),

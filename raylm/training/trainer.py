@@ -133,9 +133,16 @@ def run_train(spec: JobSpec) -> TrainResult:
         uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None
     )
     best = latest
-    if result.best_checkpoints:
-        ckpt = result.get_best_checkpoint(spec.checkpoint.metric, spec.checkpoint.mode)
-        best = uri_of(ckpt.filesystem, ckpt.path) if ckpt else latest
+    scored = [
+        (m[spec.checkpoint.metric], c)
+        for c, m in result.best_checkpoints or []
+        if isinstance(m.get(spec.checkpoint.metric), (int, float))
+        and math.isfinite(m[spec.checkpoint.metric])  # a preemption checkpoint: not evaluated
+    ]
+    if scored:
+        pick = min if spec.checkpoint.mode == "min" else max
+        ckpt = pick(scored, key=lambda sc: sc[0])[1]
+        best = uri_of(ckpt.filesystem, ckpt.path)
     history = read_metadata(latest).get("history", []) if latest else []
     best_metrics = read_metadata(best).get("metrics", {}) if best else {}
     run_dir = run_uri(spec)
