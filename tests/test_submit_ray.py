@@ -1,5 +1,8 @@
-"""`raylm submit` / `raylm jobs` against a real Ray head started with `ray start --head` on
-127.0.0.1 (its own ports, beside the session's Ray), through Ray's Jobs API with token auth."""
+"""`raylm submit` / `raylm jobs` against a real two-node Ray cluster started from the shell: a
+head with no CPUs (`ray start --head`, the drivers and the Jobs API live there) and a worker node
+with 2 CPUs (`ray start --address=…`), each its own raylet on 127.0.0.1 beside the session's
+Ray, through Ray's Jobs API with token auth. The job's training and serving land on the worker
+node; Ray's State API says so."""
 
 from __future__ import annotations
 
@@ -44,8 +47,8 @@ def raylm_cli(cwd, *args: str, timeout: float = 600) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A second, separate Ray head (2 CPUs) with its dashboard/Jobs API and token auth;
-    stopped afterwards."""
+    """A second, separate Ray cluster with its dashboard/Jobs API and token auth: a head with
+    no CPUs and one worker node with 2; stopped afterwards."""
     from ray.job_submission import JobSubmissionClient
 
     dash = free_port()
@@ -74,7 +77,7 @@ def head(tmp_path_factory):
             "start",
             "--head",
             "--block",
-            "--num-cpus=2",
+            "--num-cpus=0",
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             "--disable-usage-stats",
@@ -87,6 +90,38 @@ def head(tmp_path_factory):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
+    # The worker node gets its own temp dir, as a second machine would have its own disk. Two
+    # raylets on one host sharing one session dir share `runtime_resources/`, and the worker
+    # node's runtime-env agent then deletes the job's unpacked working_dir under the driver
+    # still running in it on the head (seen: `getcwd` ENOENT, "oneMKL FATAL ERROR").
+    worker_temp_dir = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            f"--address=127.0.0.1:{ports['--port']}",
+            "--block",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            f"--temp-dir={worker_temp_dir}",
+            *(
+                f"{k}={free_port()}"
+                for k in (
+                    "--dashboard-agent-listen-port",
+                    "--dashboard-agent-grpc-port",
+                    "--metrics-export-port",
+                    "--runtime-env-agent-port",
+                )
+            ),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline, last = time.monotonic() + 120, None
     while time.monotonic() < deadline:
         try:
@@ -96,11 +131,14 @@ def head(tmp_path_factory):
             last = exc
             time.sleep(1)
     else:
+        stop(worker)
         stop(proc)
         pytest.fail(f"ray start --head did not bring up the Jobs API at {url}: {last}")
     yield url
+    stop(worker)
     stop(proc)
     shutil.rmtree(temp_dir, ignore_errors=True)
+    shutil.rmtree(worker_temp_dir, ignore_errors=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -117,9 +155,20 @@ def job_dir(tmp_path_factory):
     return make_job_dir(tmp_path_factory.mktemp("submit"), serve_port=free_port())
 
 
-def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, job_dir):
+def cluster_state(head: str, what: str, **filters: str) -> list:
+    """Ray's State API on the test cluster (nodes or actors), with its token as the header."""
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=head, headers={"Authorization": f"Bearer {TOKEN}"})
+    options = ListApiOptions(limit=1000, filters=[(k, "=", v) for k, v in filters.items()])
+    return client.list(StateResource[what.upper()], options, raise_on_missing_output=False)
+
+
+def test_submit_runs_the_job_on_the_cluster_and_jobs_logs_list_and_stop_work(head, job_dir):
     spec_port = yaml.safe_load((job_dir / "job.yaml").read_text())["serve"]["port"]
-    out = raylm_cli(job_dir, "submit", "job.yaml", "--address", head)
+    # Every node mounts this directory (one host): the job says so, as a multi-node run must.
+    out = raylm_cli(job_dir, "submit", "job.yaml", "storage_shared=true", "--address", head)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     assert f"carrying {job_dir / 'data.jsonl'} → files/0-data.jsonl" in out.stdout
     job_id = next(w for w in out.stdout.split() if w.startswith("raylm-sub-"))
@@ -136,6 +185,14 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.loads(resp.read())["model"] == "sub"
+    # The driver ran on the head; the training workers and the model replica on the worker node.
+    nodes = {n.node_id: n.is_head_node for n in cluster_state(head, "nodes")}
+    assert sorted(nodes.values()) == [False, True], nodes
+    placed = {
+        cls: {a.node_id for a in cluster_state(head, "actors", class_name=cls)}
+        for cls in ("RayTrainWorker", "ServeReplica:raylm:Model")
+    }
+    assert all(where and not any(nodes[n] for n in where) for where in placed.values()), placed
 
     logs = raylm_cli(job_dir, "jobs", "logs", job_id, "--address", head, timeout=120)
     assert logs.returncode == 0 and "=== raylm run: done ===" in logs.stdout
@@ -145,6 +202,7 @@ def test_submit_runs_the_job_on_the_head_and_jobs_logs_list_and_stop_work(head, 
         "submit",
         "job.yaml",
         "name=long",
+        "storage_shared=true",
         "training.max_steps=100000",
         "--no-wait",
         "--no-serve",
