@@ -3,16 +3,19 @@ against a baseline taken in the same run:
 
 1. latency: HTTP p50 (keep-alive connection, one request at a time) minus in-process
    `Engine.generate` p50 for the same prompt and settings (goal ≤ 5 ms);
-2. throughput: completions/s from 16 concurrent clients with `max_batch_size: 16` vs
-   `max_batch_size: 1`, one replica each (goal ≥ 3×). Run twice: on the builtin tiny Llama
-   (answers in 2–4 tokens, so the HTTP path dominates) and on a wider random-init Llama that
-   generates all 32 asked tokens (the model dominates, as with real models);
+2. throughput: completions/s from 16 concurrent clients with `max_batch_size: 16` (the default,
+   continuous batching) vs `max_batch_size: 1` (static), one replica each (goal ≥ 3×). Run
+   twice: on the builtin tiny Llama (answers in 2–4 tokens, so the HTTP path dominates) and on
+   a wider random-init Llama that generates all 32 asked tokens (the model dominates, as with
+   real models);
 3. autoscaling: seconds from the start of 16-client load until replicas reach max_replicas, and
    from the end of the load until they are back at 1 (goal ≤ 10 s / ≤ 30 s with these delays:
    upscale_delay_s 1, downscale_delay_s 5, metrics_interval_s 0.5, look_back_period_s 2).
 
-4. tokens: generated tokens/s at 1, 4 and 16 concurrent clients, `max_batch_size: 16` vs 1, and
-   p50/p95 time to the first streamed token at 1 and 4 clients — the figures for a real model
+4. tokens: generated tokens/s at 1, 4, 16 and 64 concurrent clients in three modes — one
+   request per generate call (`max_batch_size: 1`, the baseline), static batches of 16, and
+   continuous batching (`serve.batching: continuous`) — and p50/p95 time to the first streamed
+   token and between tokens at 1 and 16 clients: the figures for a real model
    (`--tokens-only --target` a SmolLM2 checkpoint skips 1–3).
 
     .venv/bin/python bench/serve_latency.py [--target DIR] [--out bench/results/serve_latency.json]
@@ -104,29 +107,38 @@ def latency(target: str, n: int) -> dict:
         local.append(time.perf_counter() - t)
     torch.set_num_threads(threads)
     del engine
-    deploy(target, ["serve.num_cpus=1", "serve.max_batch_size=16", "serve.max_ongoing_requests=32"])
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
-    remote, health, same = [], [], True
-    for _ in range(n + 10):
-        t = time.perf_counter()
-        same &= ask(conn, PROMPT, MAX_TOKENS)["choices"][0]["text"] == text
-        remote.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        conn.request("GET", "/health")
-        conn.getresponse().read()
-        health.append(time.perf_counter() - t)
-    local_p50, http_p50 = statistics.median(local[10:]), statistics.median(remote[10:])
-    # /health goes through the same proxy, replica and FastAPI app without touching the model:
-    # it splits the overhead into "getting there" and "the model call inside a busy replica".
-    return {
-        "requests": n,
-        "in_process_p50_ms": local_p50 * 1e3,
-        "http_p50_ms": http_p50 * 1e3,
-        "http_overhead_ms": (http_p50 - local_p50) * 1e3,
-        "health_p50_ms": statistics.median(health[10:]) * 1e3,
-        "same_text": same,
-        "goal_ms": 5.0,
-    }
+    out: dict = {"requests": n, "in_process_p50_ms": statistics.median(local[10:]) * 1e3}
+    for batching in ("continuous", "static"):
+        deploy(
+            target,
+            [
+                "serve.num_cpus=1",
+                "serve.max_batch_size=16",
+                "serve.max_ongoing_requests=32",
+                f"serve.batching={batching}",
+            ],
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
+        remote, health, same = [], [], True
+        for _ in range(n + 10):
+            t = time.perf_counter()
+            same &= ask(conn, PROMPT, MAX_TOKENS)["choices"][0]["text"] == text
+            remote.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            health.append(time.perf_counter() - t)
+        http_p50 = statistics.median(remote[10:])
+        # /health goes through the same proxy, gateway and replica without touching the model:
+        # it splits the overhead into "getting there" and "the model call inside a replica".
+        out[batching] = {
+            "http_p50_ms": http_p50 * 1e3,
+            "http_overhead_ms": http_p50 * 1e3 - out["in_process_p50_ms"],
+            "health_p50_ms": statistics.median(health[10:]) * 1e3,
+            "same_text": same,
+        }
+    out["goal_ms"] = 5.0
+    return out
 
 
 def load(
@@ -176,71 +188,92 @@ def load(
     }
 
 
-def first_token_s(prompt: str, max_tokens: int) -> float:
-    """Seconds from sending a streamed completion to its first text piece."""
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+def stream_times(prompt: str, max_tokens: int) -> tuple[float, list[float]]:
+    """A streamed completion: seconds to its first text piece, and the gaps between pieces."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=300)
     body = json.dumps(
         {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     )
     t = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
+    arrivals = []
     for line in resp:
         if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
-            first = time.perf_counter() - t
-            resp.read()
-            return first
-    raise RuntimeError("the stream ended without text")
+            arrivals.append(time.perf_counter() - t)
+    if not arrivals:
+        raise RuntimeError("the stream ended without text")
+    return arrivals[0], [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
 
 
-def ttft(clients: int, max_tokens: int) -> list[float]:
-    """Times to first token of streams sent by `clients` concurrent clients, sorted."""
-    times: list[float] = []
+def stream_latency(clients: int, max_tokens: int) -> dict:
+    """p50/p95 time to first token and inter-token gap of streams from `clients` concurrent
+    clients (each sends at least two)."""
+    firsts: list[float] = []
+    gaps: list[float] = []
     lock = threading.Lock()
 
     def streams(i: int) -> None:
         for k in range(max(2, 8 // clients)):
-            t = first_token_s(f"{i} {k}", max_tokens)
+            first, between = stream_times(f"{i} {k}", max_tokens)
             with lock:
-                times.append(t)
+                firsts.append(first)
+                gaps.extend(between)
 
     threads = [threading.Thread(target=streams, args=(i,)) for i in range(clients)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return sorted(times)
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return xs[int(q * (len(xs) - 1))] if xs else float("nan")
+
+    return {
+        "ttft_p50_s": pct(firsts, 0.5),
+        "ttft_p95_s": pct(firsts, 0.95),
+        "itl_p50_s": pct(gaps, 0.5),
+        "itl_p95_s": pct(gaps, 0.95),
+    }
 
 
-def tokens(target: str, per_client: int, max_tokens: int) -> dict:
-    """Generated tokens/s by concurrency and batch size; time to first streamed token."""
-    out: dict = {"max_tokens": max_tokens}
-    for batch in (1, 16):
+# The serving modes compared by `tokens`: one request per generate call (the baseline), static
+# `serve.batch` batches of up to 16, and continuous batching with up to 16 running requests.
+MODES = {
+    "batch_1": ["serve.max_batch_size=1", "serve.batching=static"],
+    "static_16": ["serve.max_batch_size=16", "serve.batching=static"],
+    "continuous_16": ["serve.max_batch_size=16", "serve.batching=continuous"],
+}
+
+
+def tokens(target: str, requests: int, max_tokens: int, clients: list[int]) -> dict:
+    """Generated tokens/s by concurrency in each mode (at least `requests` per load, each client
+    sending the same number); stream latency at 1 and 16 clients."""
+    out: dict = {"max_tokens": max_tokens, "clients": clients}
+    for mode, settings in MODES.items():
         deploy(
             target,
             [
                 "serve.num_cpus=1",
-                f"serve.max_batch_size={batch}",
-                "serve.max_ongoing_requests=32",
+                f"serve.max_ongoing_requests={max(64, max(clients))}",
                 f"serve.max_new_tokens={max_tokens}",
+                *settings,
             ],
         )
         load(2, None, 1, max_tokens=max_tokens)  # warm-up
-        for clients in (1, 4, 16):
-            out[f"batch_{batch}_clients_{clients}"] = load(
-                clients, None, max(1, per_client * 4 // clients), max_tokens=max_tokens
+        for c in clients:
+            out[f"{mode}_clients_{c}"] = load(
+                c, None, max(1, -(-requests // c)), max_tokens=max_tokens
             )
-        for clients in (1, 4):
-            times = ttft(clients, max_tokens)
-            out[f"batch_{batch}_ttft_clients_{clients}"] = {
-                "p50_s": statistics.median(times),
-                "p95_s": times[int(0.95 * (len(times) - 1))],
-            }
-    for clients in (1, 4, 16):
-        key = f"clients_{clients}"
-        out[f"ratio_{key}"] = (
-            out[f"batch_16_{key}"]["tokens_per_s"] / out[f"batch_1_{key}"]["tokens_per_s"]
-        )
+        for c in (1, 16):
+            out[f"{mode}_stream_clients_{c}"] = stream_latency(c, max_tokens)
+    for mode in ("static_16", "continuous_16"):
+        for c in clients:
+            out[f"ratio_{mode}_clients_{c}"] = (
+                out[f"{mode}_clients_{c}"]["tokens_per_s"]
+                / out[f"batch_1_clients_{c}"]["tokens_per_s"]
+            )
     return out
 
 
@@ -249,7 +282,13 @@ def throughput(target: str, per_client: int, max_tokens: int) -> dict:
     for batch in (1, 16):
         deploy(
             target,
-            ["serve.num_cpus=1", f"serve.max_batch_size={batch}", "serve.max_ongoing_requests=32"],
+            [
+                "serve.num_cpus=1",
+                f"serve.max_batch_size={batch}",
+                "serve.max_ongoing_requests=32",
+                # the baseline: one request per generate call; 16: the default batching
+                *(["serve.batching=static"] if batch == 1 else []),
+            ],
         )
         load(16, None, 2, max_tokens=max_tokens)  # warm-up
         out[f"batch_{batch}"] = load(16, None, per_client, max_tokens=max_tokens)
@@ -313,19 +352,21 @@ def scaling(target: str, max_replicas: int) -> dict:
 
 
 def print_tokens(tok: dict) -> None:
-    print(f"{'clients':>7} {'batch 1 tok/s':>14} {'batch 16 tok/s':>15} {'ratio':>6}")
-    for clients in (1, 4, 16):
-        one, many = tok[f"batch_1_clients_{clients}"], tok[f"batch_16_clients_{clients}"]
-        print(
-            f"{clients:7} {one['tokens_per_s']:14.1f} {many['tokens_per_s']:15.1f} "
-            f"{tok[f'ratio_clients_{clients}']:6.2f}"
+    head = "".join(f"{m + ' tok/s':>20}" for m in MODES)
+    print(f"{'clients':>7}{head}  ratios (÷ batch_1)")
+    for c in tok["clients"]:
+        row = "".join(f"{tok[f'{m}_clients_{c}']['tokens_per_s']:20.1f}" for m in MODES)
+        ratios = ", ".join(
+            f"{m} {tok[f'ratio_{m}_clients_{c}']:.2f}×" for m in ("static_16", "continuous_16")
         )
-    for batch in (1, 16):
-        for clients in (1, 4):
-            t = tok[f"batch_{batch}_ttft_clients_{clients}"]
+        print(f"{c:7}{row}  {ratios}")
+    for m in MODES:
+        for c in (1, 16):
+            t = tok[f"{m}_stream_clients_{c}"]
             print(
-                f"time to first token, batch {batch}, {clients} client(s): "
-                f"p50 {t['p50_s'] * 1e3:.0f} ms, p95 {t['p95_s'] * 1e3:.0f} ms"
+                f"streams, {m}, {c} client(s): first token p50 {t['ttft_p50_s'] * 1e3:.0f} ms "
+                f"p95 {t['ttft_p95_s'] * 1e3:.0f} ms; between tokens p50 "
+                f"{t['itl_p50_s'] * 1e3:.0f} ms p95 {t['itl_p95_s'] * 1e3:.0f} ms"
             )
 
 
@@ -346,6 +387,10 @@ def main() -> None:
         help="only the tokens/s and time-to-first-token measurement (4.)",
     )
     parser.add_argument("--per-client", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=32, help="per answer in (4.)")
+    parser.add_argument(
+        "--clients", default="1,4,16,64", help="concurrent clients in (4.), comma-separated"
+    )
     parser.add_argument("--max-replicas", type=int, default=min(4, os.cpu_count() * 2))
     parser.add_argument(
         "--out", default=os.path.join(REPO, "bench", "results", "serve_latency.json")
@@ -358,7 +403,12 @@ def main() -> None:
             result = {
                 "target": target,
                 "cpus": os.cpu_count(),
-                "tokens": tokens(target, args.per_client, 32),
+                "tokens": tokens(
+                    target,
+                    args.per_client * 4,
+                    args.max_tokens,
+                    [int(c) for c in args.clients.split(",")],
+                ),
             }
         finally:
             shutdown()
@@ -378,13 +428,14 @@ def main() -> None:
     finally:
         shutdown()
     lat, sc = result["latency"], result["scaling"]
-    print(
-        f"latency:    in-process p50 {lat['in_process_p50_ms']:.2f} ms, "
-        f"HTTP p50 {lat['http_p50_ms']:.2f} ms "
-        f"→ overhead {lat['http_overhead_ms']:.2f} ms "
-        f"(goal ≤ 5; /health alone {lat['health_p50_ms']:.2f} ms), "
-        f"same text: {lat['same_text']}"
-    )
+    for batching in ("continuous", "static"):
+        one = lat[batching]
+        print(
+            f"latency ({batching}): in-process p50 {lat['in_process_p50_ms']:.2f} ms, "
+            f"HTTP p50 {one['http_p50_ms']:.2f} ms → overhead {one['http_overhead_ms']:.2f} ms "
+            f"(goal ≤ 5; /health alone {one['health_p50_ms']:.2f} ms), "
+            f"same text: {one['same_text']}"
+        )
     for key in ("throughput", "throughput_wide_model"):
         thr = result[key]
         print(

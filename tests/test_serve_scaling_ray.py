@@ -153,20 +153,47 @@ def test_cli_serve_detach_prints_a_working_curl_line_and_shutdown_stops_it(ray_c
 
 def test_answers_run_to_their_limits_with_the_openai_defaults(ray_cluster, tmp_path):
     """A model that never ends a text by itself: every answer stops at its token limit, so the
-    defaults (16 for completions, `serve.max_new_tokens` for chat) show exactly."""
+    defaults (16 for completions, `serve.max_new_tokens` for chat) show exactly. Served with
+    `serve.batching: continuous`: greedy requests join the running batch (concurrent answers equal
+    in-process `generate`), seeded sampling still goes through the static path."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from openai import OpenAI
 
     from raylm.serving.deploy import resolve_target, shutdown, start
+    from raylm.serving.engine import Engine, Sampling
 
+    model = endless_llama(tmp_path)
     url = start(
         resolve_target(
-            endless_llama(tmp_path),
-            [f"serve.port={free_port()}", "serve.num_cpus=0.5", "serve.max_new_tokens=24"],
+            model,
+            [
+                f"serve.port={free_port()}",
+                "serve.num_cpus=0.5",
+                "serve.max_new_tokens=24",
+                "serve.batching=continuous",
+            ],
         )
     )
     c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     chat = [{"role": "user", "content": "1 2"}]
     try:
+        engine = Engine([("endless-llama", model)])
+        asks = [(f"{i} {i + 1}", 3 + 2 * i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(
+                pool.map(
+                    lambda a: c.completions.create(
+                        model="endless-llama", prompt=a[0], max_tokens=a[1], temperature=0
+                    ),
+                    asks,
+                )
+            )
+        expected = engine.generate(
+            [("endless-llama", engine.encode_prompt(p), Sampling(max_tokens=n)) for p, n in asks]
+        )
+        assert [g.choices[0].text for g in got] == [e.text for e in expected]
+        assert [g.usage.completion_tokens for g in got] == [n for _, n in asks]
         comp = c.completions.create(model="endless-llama", prompt="1 2", temperature=0)
         assert comp.usage.completion_tokens == 16 and comp.choices[0].finish_reason == "length"
         answer = c.chat.completions.create(model="endless-llama", messages=chat, temperature=0)

@@ -93,6 +93,13 @@ class ServeSpec(Section):
         description="While other requests are in flight, wait up to this "
         "long for a batch to fill; a request reaching an idle replica starts at once.",
     )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: greedy requests join transformers' running batch between "
+        "decode steps and leave when done (sampled, scored or multi-adapter requests batch "
+        "statically); static: `serve.batch` groups requests into one `generate` call that runs "
+        "to its longest answer.",
+    )
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts are refused (400).")
     max_new_tokens: int = Field(
         256, ge=1, description="Largest `max_tokens` a request may ask for."

@@ -228,6 +228,16 @@ class Engine:
             out.logprobs = generated_logprobs(logits, row, new_ids, s.logprobs)
         return out
 
+    def completion(self, model: str, ids: list[int], s: Sampling, new_ids: list[int]) -> Completion:
+        """The answer that generated ids make, finished as `generate` finishes its rows (end of
+        text, `max_tokens`, stop strings); for decoders other than `generate`."""
+        return self._finish(_Job(self._adapter[model], list(ids), s), list(new_ids))
+
+    @property
+    def multi(self) -> bool:
+        """Whether several adapters share the base (a batch may mix them)."""
+        return self._multi
+
     def _tokens_for(self, ids: list[int], chars: int, skip_special: bool) -> int:
         """How many of `ids` it takes to spell at least `chars` characters."""
         for n in range(len(ids) + 1):

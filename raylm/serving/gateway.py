@@ -257,6 +257,7 @@ def build_app(models: list[tuple[str, str]], serve_spec: Any, api_key_digest: st
         s.max_batch_size,
         s.batch_wait_timeout_s,
         s.max_n,
+        s.batching,
     )
     options: dict[str, Any] = {
         "autoscaling_config": s.autoscaling.to_serve(),

@@ -52,6 +52,7 @@ class Limits:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     max_n: int = 8
+    batching: str = "continuous"  # or "static": one `generate` call per `serve.batch` batch
 
 
 def _count(counter: Any, n: int, model: str) -> None:
@@ -75,6 +76,7 @@ class ModelServer:
         self._fatal: str | None = None
         for batcher in (self.generate_batch, self.classify_batch, self.ner_batch):
             batcher.set_max_batch_size(self.limits.max_batch_size)
+        self.continuous = self._continuous()
         self._in_flight = 0
         self.m_tokens = Counter(
             "raylm_generated_tokens", description="Tokens generated.", tag_keys=("model",)
@@ -88,10 +90,56 @@ class ModelServer:
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
 
+    def _continuous(self) -> Any:
+        """The continuous batcher when the job asks for one and this replica can use it."""
+        if self.limits.batching != "continuous" or not hasattr(self.engine, "stream"):
+            return None  # static batching, or a classifier (one forward pass, nothing to join)
+        if self.engine.multi:
+            logger.warning(
+                "serve.batching continuous: %d adapters share this replica and one running batch "
+                "cannot mix them; batching statically",
+                len(self.engine.names),
+            )
+            return None
+        from raylm.serving.continuous import ContinuousBatcher
+
+        lim = self.limits
+        return ContinuousBatcher(
+            self.engine, lim.max_batch_size, lim.max_prompt_tokens, lim.max_new_tokens
+        )
+
+    async def _generate(self, items: list[tuple[str, list[int], Sampling]]) -> list[Completion]:
+        """Answers for (model, prompt ids, sampling) items: those the continuous batcher takes
+        join its running batch one by one, the rest go through `serve.batch` together."""
+        if self.continuous is None:
+            return await self._batched(self.generate_batch, items)
+        takes = [self.continuous.takes(s) for _, _, s in items]
+        rest = [item for item, t in zip(items, takes, strict=True) if not t]
+
+        async def static() -> list[Completion]:
+            return await self._batched(self.generate_batch, rest) if rest else []
+
+        joined, batched = await asyncio.gather(
+            asyncio.gather(
+                *(self.continuous.generate(*it) for it, t in zip(items, takes, strict=True) if t)
+            ),
+            static(),
+        )
+        mine, theirs = iter(joined), iter(batched)
+        return [next(mine) if t else next(theirs) for t in takes]
+
     def check_health(self) -> None:
         """Serve's health probe: a replica whose engine failed is replaced."""
         if self._fatal:
             raise RuntimeError(self._fatal)
+        if self.continuous is not None and not self.continuous.alive():
+            raise RuntimeError("the continuous batching loop stopped")
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful replica shutdown; the decode loop's thread would
+        # otherwise hold the process until Serve's shutdown timeout.
+        if getattr(self, "continuous", None) is not None:
+            self.continuous.close()
 
     def ping(self) -> list[str]:
         """The served model names (the gateway's /health asks a replica, so it means 'can
@@ -295,7 +343,7 @@ class ModelServer:
             return exc.status, exc.body()
         prompt_tokens = _prompt_tokens(req, plan)
         _count(self.m_prompt, prompt_tokens, model)
-        outs = await self._batched(self.generate_batch, [(model, ids, s) for ids, s in plan])
+        outs = await self._generate([(model, ids, s) for ids, s in plan])
         made = sum(o.completion_tokens for o in outs)  # every candidate's tokens, as OpenAI counts
         plan, outs = _best(req, plan, outs)
         _count(self.m_tokens, made, model)
@@ -378,7 +426,10 @@ class ModelServer:
                         text, lp = self._echoed(ids, sampling, out)
                         yield event(text, None, index, lp)
                 else:
-                    async for piece in self.engine.stream(model, ids, sampling, finish):
+                    source = self.engine
+                    if self.continuous is not None and self.continuous.takes(sampling):
+                        source = self.continuous
+                    async for piece in source.stream(model, ids, sampling, finish):
                         yield event({"content": piece} if kind == "chat" else piece, None, index)
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
                 logger.exception("stream failed")
