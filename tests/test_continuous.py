@@ -139,6 +139,32 @@ def test_a_stream_dropped_by_its_client_is_cancelled_and_frees_its_slot(endless)
     # ...and the loop serves the next request as before
     out = asyncio.run(batcher.generate("endless", ids, Sampling(max_tokens=4, ignore_eos=True)))
     assert (out.completion_tokens, out.finish_reason) == (4, "length")
+    # nothing of the cancelled request is kept: no handler, no undelivered output
+    router = batcher._manager.output_router
+    assert router.result_handlers == {} and router.output_queue.empty()
+
+
+def test_models_the_loop_cannot_decode_exactly_are_refused(tmp_path):
+    """A model whose generation_config adds logits processors (the manager may drop them), or
+    that runs another attention than sdpa (the manager would switch it for the static path
+    too), is refused with the reason; the replica then batches statically."""
+    import json
+    import shutil
+
+    from raylm.models import materialize_tiny_llama
+
+    penalised = tmp_path / "penalised"
+    shutil.copytree(materialize_tiny_llama(), penalised)
+    config = json.loads((penalised / "generation_config.json").read_text())
+    (penalised / "generation_config.json").write_text(
+        json.dumps({**config, "repetition_penalty": 1.3})
+    )
+    with pytest.raises(ValueError, match="logits processors"):
+        ContinuousBatcher(Engine([("p", str(penalised))]), 2, 32, 8)
+    eager = Engine([("e", str(materialize_tiny_llama()))])
+    eager.model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="'eager' attention"):
+        ContinuousBatcher(eager, 2, 32, 8)
 
 
 def test_only_plain_greedy_requests_are_taken():

@@ -15,8 +15,10 @@ and top-p only; and one batch cannot mix peft adapters.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,31 +35,71 @@ class ContinuousBatcher:
     def __init__(
         self, engine: Engine, max_batch_size: int, max_prompt_tokens: int, max_new_tokens: int
     ):
-        from transformers import GenerationConfig
+        """Starts the decode loop and checks it answers. Raises ValueError (or the manager's own
+        error) when this model cannot decode here exactly as `generate` does; the replica then
+        batches statically."""
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         if engine.multi:
             raise ValueError("continuous batching serves one model; adapters batch statically")
-        self.engine = engine
-        tok = engine.tokenizer
+        model, tok = engine.model, engine.tokenizer
+        attention = model.config._attn_implementation
+        if attention != "sdpa":
+            # The manager would switch the shared model to another attention implementation,
+            # under the static path's feet too.
+            raise ValueError(f"the model runs {attention!r} attention; continuous needs 'sdpa'")
+        # The model's own generation defaults (e.g. a repetition_penalty in its
+        # generation_config.json), as `generate` applies them, with greedy decoding.
+        generation = copy.deepcopy(model.generation_config)
+        generation.update(
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        if len(model._get_logits_processor(generation)):
+            raise ValueError(
+                "the model's generation_config adds logits processors the continuous manager "
+                "may drop; batching statically"
+            )
         per_request = min(max_prompt_tokens + max_new_tokens, engine.context_tokens)
         config = ContinuousBatchingConfig(
             page_size=PAGE_TOKENS,
             num_blocks=max_batch_size * math.ceil(per_request / PAGE_TOKENS),
             max_batch_tokens=max(max_prompt_tokens, 256),  # prefill chunk per decode step
             max_requests_per_batch=max_batch_size,
+            auto_switch_to_flash=False,
         )
-        generation = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        self._manager = engine.model.init_continuous_batching(
+        self.engine = engine
+        self._manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )
         self._ids = itertools.count()
         self._manager.start()
+        self._probe()
+
+    def _probe(self, timeout_s: float = 120.0) -> None:
+        """One token through the loop before the replica takes traffic: a model whose forward
+        cannot run on the paged cache fails here, not on every request after."""
+        tok = self.engine.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        request_id = "raylm-probe"
+        self._manager.add_request([start], request_id=request_id, max_new_tokens=1)
+        deadline = time.monotonic() + timeout_s
+        out = None
+        while time.monotonic() < deadline and (out is None or not out.is_finished()):
+            out = self._manager.get_result(request_id=request_id, timeout=1.0) or out
+            if not self._manager.is_running():
+                break
+        if out is None or not out.is_finished() or out.error:
+            self.close()
+            raise RuntimeError(
+                f"the continuous batching loop did not answer a one-token probe: "
+                f"{(out.error if out else None) or 'no answer'}"
+            )
 
     def in_flight(self) -> int:
         """Requests the decode loop holds now (decoding, or waiting for cache blocks)."""
@@ -71,8 +113,22 @@ class ContinuousBatcher:
         return self._manager.is_running()
 
     def close(self) -> None:
-        """Stops the decode loop (pending requests fail)."""
-        self._manager.stop(block=True, timeout=30)
+        """Stops the decode loop at once (pending requests fail); a second call is a no-op."""
+        if self._manager.is_running():
+            self._manager.stop(block=True, timeout=30, hard_stop=True)
+
+    def _drop_orphans(self) -> None:
+        """Empties the manager's shared output queue. Every request here registers a handler,
+        so what lands in that queue is an output of a request already let go (its last decode
+        step, scheduled before the cancel took effect); one still decoding is cancelled."""
+        q = self._manager.output_router.output_queue
+        while True:
+            try:
+                out = q.get_nowait()
+            except Exception:  # queue.Empty
+                return
+            if not out.is_finished():
+                self._manager.cancel_request(out.request_id)
 
     @staticmethod
     def takes(s: Sampling) -> bool:
@@ -91,6 +147,7 @@ class ContinuousBatcher:
     async def _tokens(self, ids: list[int], s: Sampling) -> AsyncIterator[tuple[list[int], bool]]:
         """(the generated ids so far, finished) after each decode step. Leaving the iteration
         early cancels the request, which frees its cache blocks."""
+        self._drop_orphans()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         request_id = f"raylm-{next(self._ids)}"
         self._manager.register_result_handler(request_id, queue.put_nowait)
@@ -101,12 +158,18 @@ class ContinuousBatcher:
             streaming=True,
             eos_token_id=-1 if s.ignore_eos else self.engine.tokenizer.eos_token_id,
         )
-        if added is None:
-            raise RuntimeError("the continuous batching loop is not accepting requests")
-        finished = False
+        finished = added is None
         try:
+            if added is None:
+                raise RuntimeError("the continuous batching loop is not accepting requests")
             while not finished:
-                out = await queue.get()
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:
+                    if not self._manager.is_running():  # it died: this request never ends
+                        finished = True
+                        raise RuntimeError("the continuous batching loop stopped") from None
+                    continue
                 if out.error:
                     finished = True
                     raise RuntimeError(f"generation failed: {out.error}")
@@ -115,12 +178,14 @@ class ContinuousBatcher:
         finally:
             if not finished:
                 self._manager.cancel_request(request_id)
-                # transformers drops a handler only at its request's last output, which a
-                # cancelled request never sends; a handler left behind would keep its event
-                # loop referenced (and delivering to a closed loop kills the decode thread).
-                router = self._manager.output_router
-                with router._lock:
-                    router.result_handlers.pop(request_id, None)
+            # transformers drops a handler only at its request's last output, which a
+            # cancelled (or never added) request does not send; one left behind would keep its
+            # event loop referenced, and delivering to a closed loop kills the decode thread.
+            router = self._manager.output_router
+            with router._lock:
+                router.result_handlers.pop(request_id, None)
+            if not finished:
+                self._drop_orphans()
 
     def _text(self, tokens: list[int], s: Sampling) -> str:
         eos = self.engine.tokenizer.eos_token_id

@@ -6,6 +6,7 @@ to the gateway. It never sees HTTP or API keys."""
 # No `from __future__ import annotations`: Serve inspects these methods at runtime.
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -104,9 +105,13 @@ class ModelServer:
         from raylm.serving.continuous import ContinuousBatcher
 
         lim = self.limits
-        return ContinuousBatcher(
-            self.engine, lim.max_batch_size, lim.max_prompt_tokens, lim.max_new_tokens
-        )
+        try:
+            return ContinuousBatcher(
+                self.engine, lim.max_batch_size, lim.max_prompt_tokens, lim.max_new_tokens
+            )
+        except Exception as exc:  # this model cannot decode there: serve it, statically
+            logger.warning("serve.batching continuous: %s; batching statically", exc)
+            return None
 
     async def _generate(self, items: list[tuple[str, list[int], Sampling]]) -> list[Completion]:
         """Answers for (model, prompt ids, sampling) items: those the continuous batcher takes
@@ -429,8 +434,14 @@ class ModelServer:
                     source = self.engine
                     if self.continuous is not None and self.continuous.takes(sampling):
                         source = self.continuous
-                    async for piece in source.stream(model, ids, sampling, finish):
-                        yield event({"content": piece} if kind == "chat" else piece, None, index)
+                    # aclosing: a client gone mid-stream cancels its request now, not at GC
+                    async with contextlib.aclosing(
+                        source.stream(model, ids, sampling, finish)
+                    ) as pieces:
+                        async for piece in pieces:
+                            yield event(
+                                {"content": piece} if kind == "chat" else piece, None, index
+                            )
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
                 logger.exception("stream failed")
                 yield sse(APIError(500, f"generation failed: {exc}").body())
